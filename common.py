@@ -1,0 +1,412 @@
+"""Plumbing shared by the experiment scripts: overrides, device, data files, images, checkpoints.
+
+Nothing here is a model or a training step; each script keeps its own.
+"""
+import gzip
+import json
+import math
+import os
+import struct
+import sys
+import time
+import tokenize
+
+import torch
+
+
+# ---------------------------------------------------------------- constants and overrides
+
+def fail(message, status=1):
+    """Stop with one line on stderr: the error and what to do about it."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(status)
+
+
+def constant_names(namespace):
+    """The script's constants: its lower-case module-level int, float, bool and str names."""
+    return [name for name, value in namespace.items()
+            if not name.startswith('_') and name.islower() and type(value) in (int, float, bool, str)]
+
+
+def constant_help(source_path):
+    """Map each `name = value  # comment` line of a script to its comment, for --help."""
+    help_of = {}
+    with tokenize.open(source_path) as f:
+        tokens = list(tokenize.generate_tokens(f.readline))
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.COMMENT and tok.start[1] > 0:
+            line = tok.line
+            if line[:1].isalpha() and '=' in line:
+                help_of[line.split('=', 1)[0].strip()] = tok.string.lstrip('# ').strip()
+    return help_of
+
+
+def parse_value(name, text, default):
+    """Read `text` as the type of the constant's default value; fail with one line if it is not."""
+    kind = type(default)
+    if kind is bool:
+        if text.lower() in ('1', 'true', 'yes', 'on'):
+            return True
+        if text.lower() in ('0', 'false', 'no', 'off'):
+            return False
+    else:
+        try:
+            value = kind(text)
+            if kind is not float or math.isfinite(value):
+                return value
+        except ValueError:
+            pass
+    fail(f"--{name}={text}: expected {kind.__name__} (default {default!r})", 2)
+
+
+def configure(namespace, argv=None):
+    """Apply `--name=value` overrides to a script's constants in place, nanoGPT style.
+
+    `--help` lists every constant with its value and meaning. Returns the constants as a dict.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    names = constant_names(namespace)
+    if '--help' in argv or '-h' in argv:
+        help_of = constant_help(namespace['__file__'])
+        print((namespace.get('__doc__') or '').strip())
+        print("\nConstants (override any as --name=value):")
+        width = max(len(n) for n in names)
+        for name in names:
+            print(f"  --{name:<{width}} = {namespace[name]!r:<24} {help_of.get(name, '')}")
+        raise SystemExit(0)
+    for arg in argv:
+        if not arg.startswith('--') or '=' not in arg:
+            fail(f"cannot read argument {arg!r}: write --name=value (see --help)", 2)
+        name, text = arg[2:].split('=', 1)
+        if name not in names:
+            fail(f"unknown constant {name!r}; valid: {', '.join(names)}", 2)
+        namespace[name] = parse_value(name, text, namespace[name])
+    return {name: namespace[name] for name in names}
+
+
+def pick_device(choice):
+    """'auto' means CUDA, else Apple's MPS, else the CPU."""
+    if choice == 'auto':
+        if torch.cuda.is_available():
+            return torch.device('cuda')
+        if torch.backends.mps.is_available():
+            return torch.device('mps')
+        return torch.device('cpu')
+    try:
+        device = torch.device(choice)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"device {choice!r} is not usable here ({str(e).splitlines()[0]}); use --device=auto or cpu")
+    return device
+
+
+# ---------------------------------------------------------------- MNIST
+
+MNIST_FILES = {True: ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+               False: ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte')}
+
+
+def read_idx(path):
+    """An IDX file (gzipped or not) as a uint8 tensor of the shape its header gives."""
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rb') as f:
+        data = f.read()
+    zero, dtype, ndim = struct.unpack('>HBB', data[:4])
+    if zero != 0 or dtype != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    shape = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
+    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+
+
+def _find_idx(raw_dir, name):
+    for candidate in (name, name + '.gz'):
+        path = os.path.join(raw_dir, candidate)
+        if os.path.exists(path):
+            return path
+    return None
+
+
+def load_mnist(data_dir, train=True):
+    """MNIST as (uint8 images (N, 28, 28), int64 labels (N,)) from data_dir/MNIST/raw/.
+
+    Missing files are fetched with torchvision's downloader; where that fails too, one line says
+    which files to put where.
+    """
+    raw_dir = os.path.join(data_dir, 'MNIST', 'raw')
+    names = MNIST_FILES[train]
+    if any(_find_idx(raw_dir, n) is None for n in names):
+        _download_mnist(data_dir, raw_dir)
+    try:
+        images, labels = (read_idx(_find_idx(raw_dir, n)) for n in names)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(f"cannot read MNIST in {raw_dir}/ ({e}); replace the damaged files")
+    if images.shape[0] != labels.shape[0]:
+        fail(f"{raw_dir}/: {images.shape[0]} images but {labels.shape[0]} labels; replace the files")
+    return images, labels.long()
+
+
+def _download_mnist(data_dir, raw_dir):
+    from torchvision.datasets import MNIST
+    wanted = ', '.join(n for pair in MNIST_FILES.values() for n in pair)
+    print(f"MNIST not found in {raw_dir}/; trying to download it ...", file=sys.stderr)
+    try:
+        MNIST(data_dir, train=True, download=True)
+        MNIST(data_dir, train=False, download=True)
+    except Exception as e:  # any failure of the download means the same thing to the user
+        fail(f"MNIST is missing from {raw_dir}/ and could not be downloaded ({type(e).__name__}); "
+             f"put the four IDX files there (gzipped or not): {wanted}")
+
+
+def load_training_set(data_dir, img_size, train_limit, batch_size, device):
+    """The MNIST training set once, as uint8 images (N, 1, img_size, img_size) and labels on device."""
+    images, labels = load_mnist(data_dir, train=True)
+    if train_limit:
+        images, labels = images[:train_limit], labels[:train_limit]
+    if len(images) < batch_size:
+        fail(f"{len(images)} training images is less than one batch of {batch_size}; "
+             f"raise --train_limit or lower --batch_size")
+    return resize_images(images, img_size).to(device), labels.to(device)
+
+
+def resize_images(images, size):
+    """uint8 (N, H, W) or (N, C, H, W) images to uint8 (N, C, size, size), antialiased, in chunks."""
+    from torchvision.transforms.functional import resize
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images.contiguous()
+    chunks = [resize(chunk.float(), [size, size], antialias=True).round_().clamp_(0, 255).to(torch.uint8)
+              for chunk in images.split(4096)]
+    return torch.cat(chunks)
+
+
+def to_unit_range(images_uint8):
+    """uint8 pixels to floats in [-1, 1], the range the generators' tanh produces."""
+    return images_uint8.float().div_(127.5).sub_(1)
+
+
+# ---------------------------------------------------------------- training plumbing
+
+def shuffled_batches(n, batch_size, device):
+    """Index tensors of a fresh random permutation, full batches only (BatchNorm needs > 1)."""
+    order = torch.randperm(n, device=device)
+    return order[:n // batch_size * batch_size].view(-1, batch_size)
+
+
+def set_learning_rate(optimizers, lr):
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+
+
+def progress(iterable, description):
+    """A tqdm bar when a person watches stdout; silent in logs and CI."""
+    from tqdm import tqdm
+    return tqdm(iterable, desc=description, leave=False, disable=not sys.stdout.isatty())
+
+
+def synchronize(device):
+    """Wait for queued GPU work, so a timer measures the work and not its launch."""
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def square_side(n):
+    """Columns of the squarest grid that holds n images."""
+    return math.ceil(math.sqrt(n))
+
+
+def save_grid(images, path, nrow, label=None):
+    """Save images in [-1, 1] as one grid PNG, with an optional caption strip below it."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import make_grid, save_image
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
+    if label is None:
+        save_image(grid, path)
+        return
+    from torchvision.transforms.functional import to_pil_image
+    picture = to_pil_image(grid)
+    captioned = Image.new('RGB', (picture.width, picture.height + 16), 'white')
+    captioned.paste(picture, (0, 0))
+    ImageDraw.Draw(captioned).text((4, picture.height + 2), label, fill='black')
+    captioned.save(path)
+
+
+def save_animation(frame_paths, gif_path, seconds_per_frame=0.5):
+    import imageio.v2 as imageio
+    frames = [imageio.imread(p) for p in frame_paths]
+    imageio.mimsave(gif_path, frames, duration=seconds_per_frame, loop=0)
+
+
+def plot_curves(history, keys, path, ylabel):
+    """Per-epoch curves of the history entries named by keys, one line each."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    epochs = [h['epoch'] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        ax.plot(epochs, [h[key] for h in history], marker='.', label=key)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def atomic_write(path, write):
+    """Call write(temp_path), then move the result into place: a reader never sees half a file."""
+    temp = f"{path}.tmp{os.getpid()}"
+    try:
+        write(temp)
+        with open(temp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+def save_json(obj, path):
+    def write(temp):
+        with open(temp, 'w') as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
+
+
+def load_weights(model, path):
+    """Load a state_dict saved by a training run, or stop with one line saying how to get it."""
+    if not os.path.exists(path):
+        fail(f"no trained generator at {path}; train first (run the script without --generate)")
+    try:
+        model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+    except RuntimeError:
+        fail(f"{path} was trained with other model constants (d, img_size, ...); "
+             f"pass the ones it was trained with or use another --results_dir")
+    return model
+
+
+def averaged(model, decay):
+    """An exponential moving average of model's weights and BatchNorm statistics, for sampling.
+
+    decay 0 makes it a plain copy of the latest weights, the original recipe.
+    """
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+class Run:
+    """The files of one training run in results_dir and what survives an interruption.
+
+    After every epoch: the grids, the weights, the JSON history and a checkpoint with everything
+    needed to continue (models, optimizers, history, fixed inputs, RNG states, constants),
+    replaced atomically so a kill at any moment leaves the last complete epoch.
+    """
+    RUN_CONTROL = {'train_epoch', 'resume', 'generate', 'device', 'results_dir', 'data_dir', 'train_limit'}
+
+    def __init__(self, model_name, config, models, optimizers, exports):
+        """models and optimizers go into the checkpoint; exports are saved as <Model>_<name>.pt."""
+        self.name = model_name
+        self.config = config
+        self.dir = config['results_dir']
+        self.models = models
+        self.optimizers = optimizers
+        self.exports = exports
+        self.history = []
+        self.fixed = {}
+        self.checkpoint_path = os.path.join(self.dir, 'checkpoint.pt')
+        os.makedirs(self.dir, exist_ok=True)
+
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    def start(self, make_fixed_inputs):
+        """The first epoch to train: 1, or the one after the checkpoint's when resuming."""
+        if self.config['resume'] and os.path.exists(self.checkpoint_path):
+            return self._restore()
+        self.fixed = make_fixed_inputs()
+        return 1
+
+    def _restore(self):
+        try:
+            state = torch.load(self.checkpoint_path, map_location='cpu', weights_only=True)
+        except Exception as e:  # a damaged file is the user's to delete; say which
+            fail(f"cannot read {self.checkpoint_path} ({type(e).__name__}); delete it to start afresh")
+        try:
+            for name, model in self.models.items():
+                model.load_state_dict(state['models'][name])
+        except RuntimeError:
+            changed = [f"{k}={state['config'].get(k)!r} (now {v!r})" for k, v in self.config.items()
+                       if k not in self.RUN_CONTROL and state['config'].get(k) != v]
+            fail(f"{self.checkpoint_path} was made with other constants: {', '.join(changed) or 'other models'}; "
+                 f"pass those, use another --results_dir, or --resume=false to start afresh")
+        for name, optimizer in self.optimizers.items():
+            optimizer.load_state_dict(state['optimizers'][name])
+        self.history = state['history']
+        self.fixed = state['fixed']
+        torch.set_rng_state(state['rng']['cpu'])
+        if torch.cuda.is_available() and state['rng']['cuda']:
+            torch.cuda.set_rng_state_all(state['rng']['cuda'])
+        epoch = state['epoch']
+        if epoch >= self.config['train_epoch']:
+            print(f"{self.dir}: already trained {epoch} epochs; rebuilding the final outputs "
+                  f"(raise --train_epoch to train on)")
+        else:
+            print(f"{self.dir}: resuming after epoch {epoch}")
+        return epoch + 1
+
+    def end_epoch(self, epoch, means, seconds, n_images):
+        """Record a finished epoch: print its line, save weights, history and checkpoint.
+
+        means: a tensor of the epoch's mean loss_d, loss_g, D(x) and D(G(z)), read here once.
+        """
+        stats = dict(zip(('loss_d', 'loss_g', 'd_real', 'd_fake'), means.tolist()),
+                     seconds=seconds, images_per_second=n_images / seconds)
+        bad = [k for k, v in stats.items() if not math.isfinite(v)]
+        if bad:
+            fail(f"epoch {epoch}: {', '.join(bad)} became {stats[bad[0]]}; training diverged. The checkpoint "
+                 f"of epoch {epoch - 1} is kept in {self.dir}; try a lower --lr")
+        self.history.append({'epoch': epoch, **stats})
+        print(f"[{epoch}/{self.config['train_epoch']}] - ptime: {stats['seconds']:.2f}, "
+              f"loss_d: {stats['loss_d']:.3f}, loss_g: {stats['loss_g']:.3f}, D(x): {stats['d_real']:.3f}, "
+              f"D(G(z)): {stats['d_fake']:.3f}, {stats['images_per_second']:.0f} img/s", flush=True)
+        for name, model in self.exports.items():
+            atomic_write(self.path(f"{self.name}_{name}.pt"), lambda t, m=model: torch.save(m.state_dict(), t))
+        self.save_history()
+        state = {'epoch': epoch, 'config': self.config, 'history': self.history, 'fixed': self.fixed,
+                 'models': {n: m.state_dict() for n, m in self.models.items()},
+                 'optimizers': {n: o.state_dict() for n, o in self.optimizers.items()},
+                 'rng': {'cpu': torch.get_rng_state(),
+                         'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+        atomic_write(self.checkpoint_path, lambda t: torch.save(state, t))
+
+    def save_history(self):
+        seconds = sum(h['seconds'] for h in self.history)
+        save_json({'model': self.name, 'config': self.config, 'total_seconds': seconds, 'epochs': self.history},
+                  self.path(f"{self.name}_train_hist.json"))
+
+    def fixed_grid_path(self, epoch):
+        return self.path('Fixed_results', f"{self.name}_{epoch}.png")
+
+    def random_grid_path(self, epoch):
+        return self.path('Random_results', f"{self.name}_{epoch}.png")
+
+    def finish(self):
+        """Loss plot, animation and the closing timing line, from the whole history."""
+        if not self.history:
+            return
+        plot_curves(self.history, ['loss_d', 'loss_g'], self.path(f"{self.name}_train_hist.png"), 'loss')
+        frames = [self.fixed_grid_path(h['epoch']) for h in self.history]
+        save_animation([p for p in frames if os.path.exists(p)], self.path(f"{self.name}_generation_animation.gif"))
+        seconds = [h['seconds'] for h in self.history]
+        print(f"Avg one epoch ptime: {sum(seconds) / len(seconds):.2f}, "
+              f"total {len(seconds)} epochs ptime: {sum(seconds):.2f}")
+        print(f"outputs in {self.dir}/")
+
+    def interrupted(self):
+        done = self.history[-1]['epoch'] if self.history else 0
+        fail(f"interrupted; {self.checkpoint_path} holds epoch {done}. "
+             f"Run the same command again to resume", 130)

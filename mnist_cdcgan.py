@@ -1,0 +1,174 @@
+"""MNIST conditional DCGAN: convolutional G and D on MNIST resized to 32x32, conditioned on the digit.
+
+Train:     python mnist_cdcgan.py            (any constant below: --name=value, e.g. --d=64)
+Sample:    python mnist_cdcgan.py --generate=10
+"""
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+data_dir = 'data'                     # holds MNIST/raw/ with the four IDX files
+results_dir = 'MNIST_cDCGAN_results'  # grids, plots, weights, history and checkpoint go here
+train_epoch = 20                      # epochs to train (lr / 10 at the start of epochs 11 and 16)
+batch_size = 128                      # images per step
+lr = 0.0002                           # Adam learning rate of both networks
+beta1 = 0.5                           # Adam beta1
+z_dim = 100                           # length of the noise vector, drawn from N(0, 1)
+d = 128                               # width: G's layers have 4d, 2d, d channels, D's d/2, d, 2d, 4d
+img_size = 32                         # image side in pixels (the layers fix it at 32)
+train_limit = 0                       # 0: all 60,000 training images; N: only the first N
+device = 'auto'                       # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
+seed = 0                              # seed of every random draw
+resume = True                         # continue from results_dir/checkpoint.pt when it exists
+generate = 0                          # N > 0: only write N new samples per digit from the trained G
+label_smoothing = 0.1                 # D's target for real images is 1 - this (one-sided); 0 = original
+ema_decay = 0.999                     # grids and saved G use an EMA of G's weights; 0 = original (raw G)
+
+MODEL = 'MNIST_cDCGAN'
+N_CLASSES = 10
+
+
+def noise(n, device):
+    return torch.randn(n, z_dim, device=device)
+
+
+def init_normal(module):
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def up(c_in, c_out, stride=2, padding=1):
+    return [nn.ConvTranspose2d(c_in, c_out, 4, stride, padding), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+
+def down(c_in, c_out, batch_norm=True):
+    return [nn.Conv2d(c_in, c_out, 4, 2, 1), *([nn.BatchNorm2d(c_out)] if batch_norm else []), nn.LeakyReLU(0.2)]
+
+
+class Generator(nn.Module):
+    def __init__(self, z_dim=z_dim, d=d):
+        super().__init__()
+        self.z_dim = z_dim
+        self.z_branch = nn.Sequential(*up(z_dim, 2 * d, stride=1, padding=0))          # 4x4
+        self.label_branch = nn.Sequential(*up(N_CLASSES, 2 * d, stride=1, padding=0))  # 4x4
+        self.body = nn.Sequential(
+            *up(4 * d, 2 * d), *up(2 * d, d),                                          # 8, 16
+            nn.ConvTranspose2d(d, 1, 4, 2, 1), nn.Tanh())                              # 32
+        self.apply(init_normal)
+
+    def forward(self, z, labels):
+        y = F.one_hot(labels, N_CLASSES).float().view(-1, N_CLASSES, 1, 1)
+        h = torch.cat([self.z_branch(z.view(-1, self.z_dim, 1, 1)), self.label_branch(y)], dim=1)
+        return self.body(h)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, d=d):
+        super().__init__()
+        self.image_branch = nn.Sequential(*down(1, d // 2, batch_norm=False))           # 16x16
+        self.label_branch = nn.Sequential(*down(N_CLASSES, d // 2, batch_norm=False))   # 16x16
+        self.body = nn.Sequential(
+            *down(d, 2 * d), *down(2 * d, 4 * d),                                       # 8, 4
+            nn.Conv2d(4 * d, 1, 4, 1, 0))                                               # 1
+        self.apply(init_normal)
+
+    def forward(self, x, labels):
+        # The label enters as constant planes: plane y is ones, the others zeros.
+        planes = F.one_hot(labels, N_CLASSES).float()[:, :, None, None].expand(-1, -1, *x.shape[2:])
+        h = torch.cat([self.image_branch(x), self.label_branch(planes)], dim=1)
+        return self.body(h).view(-1)
+
+
+def class_grid_inputs(columns, device):
+    """Row i is digit i; column j uses noise vector j in every row, so a column shows one style."""
+    z = noise(columns, device).repeat(N_CLASSES, 1)
+    labels = torch.arange(N_CLASSES, device=device).repeat_interleave(columns)
+    return z, labels
+
+
+@torch.no_grad()
+def sample(G, z, labels):
+    G.eval()
+    images = G(z, labels)
+    G.train()
+    return images
+
+
+def learning_rate(epoch):
+    return lr / 10 ** sum(epoch >= drop for drop in (11, 16))
+
+
+def generate_samples(run_device):
+    G = common.load_weights(Generator(z_dim, d), f"{results_dir}/{MODEL}_generator.pt").to(run_device)
+    z, labels = class_grid_inputs(generate, run_device)
+    path = f"{results_dir}/{MODEL}_generated.png"
+    common.save_grid(sample(G, z, labels), path, nrow=generate)
+    print(f"wrote {path}: {generate} samples of each digit, one row per digit")
+
+
+def train(config, run_device):
+    if img_size != 32:
+        common.fail(f"img_size={img_size}: this cDCGAN's layers make 32x32 images; drop --img_size")
+    images, labels = common.load_training_set(data_dir, img_size, train_limit, batch_size, run_device)
+
+    G, D = Generator(z_dim, d).to(run_device), Discriminator(d).to(run_device)
+    G_avg = common.averaged(G, ema_decay)
+    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999))
+    run = common.Run(MODEL, config, models={'generator': G, 'discriminator': D, 'generator_average': G_avg},
+                     optimizers={'generator': opt_G, 'discriminator': opt_D},
+                     exports={'generator': G_avg.module, 'discriminator': D})
+    common.save_grid(common.to_unit_range(images[:100]), run.path('raw_MNIST.png'), nrow=10)
+    first_epoch = run.start(lambda: dict(zip(('z', 'labels'), class_grid_inputs(10, run_device))))
+    fixed_z, fixed_labels = run.fixed['z'].to(run_device), run.fixed['labels'].to(run_device)
+    loss = nn.BCEWithLogitsLoss()
+    real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
+    ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
+
+    try:
+        for epoch in range(first_epoch, train_epoch + 1):
+            common.set_learning_rate((opt_G, opt_D), learning_rate(epoch))
+            sums = torch.zeros(4, device=run_device)  # loss_d, loss_g, D(x), D(G(z)): read once per epoch
+            batches = common.shuffled_batches(len(images), batch_size, run_device)
+            start = time.perf_counter()
+            for index in common.progress(batches, f"epoch {epoch}"):
+                x, y = common.to_unit_range(images[index]), labels[index]
+                fake_labels = torch.randint(0, N_CLASSES, (batch_size,), device=run_device)
+                fake = G(noise(batch_size, run_device), fake_labels)
+                d_real = D(x, y)
+                d_fake = D(fake.detach(), fake_labels)
+                loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
+                opt_D.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_D.step()
+
+                loss_g = loss(D(fake, fake_labels), ones)
+                opt_G.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_G.step()
+                G_avg.update_parameters(G)
+
+                sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
+            common.synchronize(run_device)
+            seconds = time.perf_counter() - start
+            common.save_grid(sample(G_avg.module, fixed_z, fixed_labels), run.fixed_grid_path(epoch), nrow=10,
+                             label=f"Epoch {epoch}")
+            run.end_epoch(epoch, sums / len(batches), seconds, batches.numel())
+    except KeyboardInterrupt:
+        run.interrupted()
+    run.finish()
+
+
+if __name__ == '__main__':
+    config = common.configure(globals())
+    run_device = common.pick_device(device)
+    torch.manual_seed(seed)
+    if generate:
+        generate_samples(run_device)
+    else:
+        train(config, run_device)

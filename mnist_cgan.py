@@ -1,0 +1,165 @@
+"""MNIST conditional GAN (Mirza & Osindero 2014): fully connected G and D, conditioned on the digit.
+
+Train:     python mnist_cgan.py            (any constant below: --name=value, e.g. --train_epoch=5)
+Sample:    python mnist_cgan.py --generate=10
+"""
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+data_dir = 'data'                     # holds MNIST/raw/ with the four IDX files
+results_dir = 'MNIST_cGAN_results'    # grids, plots, weights, history and checkpoint go here
+train_epoch = 50                      # epochs to train (lr / 10 at the start of epochs 30 and 40)
+batch_size = 128                      # images per step
+lr = 0.0002                           # Adam learning rate of both networks
+beta1 = 0.5                           # Adam beta1
+z_dim = 100                           # length of the noise vector
+img_size = 28                         # image side in pixels
+train_limit = 0                       # 0: all 60,000 training images; N: only the first N
+device = 'auto'                       # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
+seed = 0                              # seed of every random draw
+resume = True                         # continue from results_dir/checkpoint.pt when it exists
+generate = 0                          # N > 0: only write N new samples per digit from the trained G
+label_smoothing = 0.1                 # D's target for real images is 1 - this (one-sided); 0 = original
+ema_decay = 0.999                     # grids and saved G use an EMA of G's weights; 0 = original (raw G)
+
+MODEL = 'MNIST_cGAN'
+N_CLASSES = 10
+
+
+def noise(n, device):
+    """The original drew z from U[0, 1), for training and grids alike."""
+    return torch.rand(n, z_dim, device=device)
+
+
+def init_normal(module):
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+class Generator(nn.Module):
+    def __init__(self, z_dim=z_dim, img_size=img_size):
+        super().__init__()
+        self.z_dim, self.img_size = z_dim, img_size
+        self.z_branch = nn.Sequential(nn.Linear(z_dim, 256), nn.BatchNorm1d(256), nn.ReLU())
+        self.label_branch = nn.Sequential(nn.Linear(N_CLASSES, 256), nn.BatchNorm1d(256), nn.ReLU())
+        self.body = nn.Sequential(
+            nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(),
+            nn.Linear(512, 1024), nn.BatchNorm1d(1024), nn.ReLU(),
+            nn.Linear(1024, img_size * img_size), nn.Tanh())
+        self.apply(init_normal)
+
+    def forward(self, z, labels):
+        y = F.one_hot(labels, N_CLASSES).float()
+        h = torch.cat([self.z_branch(z), self.label_branch(y)], dim=1)
+        return self.body(h).view(-1, 1, self.img_size, self.img_size)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, img_size=img_size):
+        super().__init__()
+        self.image_branch = nn.Sequential(nn.Linear(img_size * img_size, 1024), nn.LeakyReLU(0.2))
+        self.label_branch = nn.Sequential(nn.Linear(N_CLASSES, 1024), nn.LeakyReLU(0.2))
+        self.body = nn.Sequential(
+            nn.Linear(2048, 512), nn.BatchNorm1d(512), nn.LeakyReLU(0.2),
+            nn.Linear(512, 256), nn.BatchNorm1d(256), nn.LeakyReLU(0.2),
+            nn.Linear(256, 1))
+        self.apply(init_normal)
+
+    def forward(self, x, labels):
+        y = F.one_hot(labels, N_CLASSES).float()
+        h = torch.cat([self.image_branch(x.flatten(1)), self.label_branch(y)], dim=1)
+        return self.body(h).view(-1)
+
+
+def class_grid_inputs(columns, device):
+    """Row i is digit i; column j uses noise vector j in every row, so a column shows one style."""
+    z = noise(columns, device).repeat(N_CLASSES, 1)
+    labels = torch.arange(N_CLASSES, device=device).repeat_interleave(columns)
+    return z, labels
+
+
+@torch.no_grad()
+def sample(G, z, labels):
+    G.eval()
+    images = G(z, labels)
+    G.train()
+    return images
+
+
+def learning_rate(epoch):
+    return lr / 10 ** sum(epoch >= drop for drop in (30, 40))
+
+
+def generate_samples(run_device):
+    G = common.load_weights(Generator(z_dim, img_size), f"{results_dir}/{MODEL}_generator.pt").to(run_device)
+    z, labels = class_grid_inputs(generate, run_device)
+    path = f"{results_dir}/{MODEL}_generated.png"
+    common.save_grid(sample(G, z, labels), path, nrow=generate)
+    print(f"wrote {path}: {generate} samples of each digit, one row per digit")
+
+
+def train(config, run_device):
+    images, labels = common.load_training_set(data_dir, img_size, train_limit, batch_size, run_device)
+
+    G, D = Generator(z_dim, img_size).to(run_device), Discriminator(img_size).to(run_device)
+    G_avg = common.averaged(G, ema_decay)
+    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999))
+    run = common.Run(MODEL, config, models={'generator': G, 'discriminator': D, 'generator_average': G_avg},
+                     optimizers={'generator': opt_G, 'discriminator': opt_D},
+                     exports={'generator': G_avg.module, 'discriminator': D})
+    common.save_grid(common.to_unit_range(images[:100]), run.path('raw_MNIST.png'), nrow=10)
+    first_epoch = run.start(lambda: dict(zip(('z', 'labels'), class_grid_inputs(10, run_device))))
+    fixed_z, fixed_labels = run.fixed['z'].to(run_device), run.fixed['labels'].to(run_device)
+    loss = nn.BCEWithLogitsLoss()
+    real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
+    ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
+
+    try:
+        for epoch in range(first_epoch, train_epoch + 1):
+            common.set_learning_rate((opt_G, opt_D), learning_rate(epoch))
+            sums = torch.zeros(4, device=run_device)  # loss_d, loss_g, D(x), D(G(z)): read once per epoch
+            batches = common.shuffled_batches(len(images), batch_size, run_device)
+            start = time.perf_counter()
+            for index in common.progress(batches, f"epoch {epoch}"):
+                x, y = common.to_unit_range(images[index]), labels[index]
+                fake_labels = torch.randint(0, N_CLASSES, (batch_size,), device=run_device)
+                fake = G(noise(batch_size, run_device), fake_labels)
+                d_real = D(x, y)
+                d_fake = D(fake.detach(), fake_labels)
+                loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
+                opt_D.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_D.step()
+
+                loss_g = loss(D(fake, fake_labels), ones)
+                opt_G.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_G.step()
+                G_avg.update_parameters(G)
+
+                sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
+            common.synchronize(run_device)
+            seconds = time.perf_counter() - start
+            common.save_grid(sample(G_avg.module, fixed_z, fixed_labels), run.fixed_grid_path(epoch), nrow=10,
+                             label=f"Epoch {epoch}")
+            run.end_epoch(epoch, sums / len(batches), seconds, batches.numel())
+    except KeyboardInterrupt:
+        run.interrupted()
+    run.finish()
+
+
+if __name__ == '__main__':
+    config = common.configure(globals())
+    run_device = common.pick_device(device)
+    torch.manual_seed(seed)
+    if generate:
+        generate_samples(run_device)
+    else:
+        train(config, run_device)

@@ -1,0 +1,137 @@
+"""MNIST GAN (Goodfellow et al. 2014): fully connected G and D, no condition.
+
+Train:     python mnist_gan.py            (any constant below: --name=value, e.g. --train_epoch=5)
+Sample:    python mnist_gan.py --generate=25
+"""
+import time
+
+import torch
+import torch.nn as nn
+
+import common
+
+data_dir = 'data'                     # holds MNIST/raw/ with the four IDX files
+results_dir = 'MNIST_GAN_results'     # grids, plots, weights, history and checkpoint go here
+train_epoch = 100                     # epochs to train (no lr decay)
+batch_size = 128                      # images per step
+lr = 0.0002                           # Adam learning rate of both networks
+beta1 = 0.9                           # Adam beta1 (the original kept PyTorch's default)
+z_dim = 100                           # length of the noise vector, drawn from N(0, 1)
+img_size = 28                         # image side in pixels
+train_limit = 0                       # 0: all 60,000 training images; N: only the first N
+device = 'auto'                       # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
+seed = 0                              # seed of every random draw
+resume = True                         # continue from results_dir/checkpoint.pt when it exists
+generate = 0                          # N > 0: only write a grid of N new samples from the trained G
+label_smoothing = 0.1                 # D's target for real images is 1 - this (one-sided); 0 = original
+ema_decay = 0.999                     # grids and saved G use an EMA of G's weights; 0 = original (raw G)
+
+MODEL = 'MNIST_GAN'
+
+
+def noise(n, device):
+    return torch.randn(n, z_dim, device=device)
+
+
+class Generator(nn.Module):
+    def __init__(self, z_dim=z_dim, img_size=img_size):
+        super().__init__()
+        self.z_dim, self.img_size = z_dim, img_size
+        self.net = nn.Sequential(
+            nn.Linear(z_dim, 256), nn.LeakyReLU(0.2),
+            nn.Linear(256, 512), nn.LeakyReLU(0.2),
+            nn.Linear(512, 1024), nn.LeakyReLU(0.2),
+            nn.Linear(1024, img_size * img_size), nn.Tanh())
+
+    def forward(self, z):
+        return self.net(z).view(-1, 1, self.img_size, self.img_size)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, img_size=img_size):
+        super().__init__()
+        # nn.Dropout switches off in eval(); the original's functional dropout stayed on when sampling.
+        self.net = nn.Sequential(
+            nn.Linear(img_size * img_size, 1024), nn.LeakyReLU(0.2), nn.Dropout(0.3),
+            nn.Linear(1024, 512), nn.LeakyReLU(0.2), nn.Dropout(0.3),
+            nn.Linear(512, 256), nn.LeakyReLU(0.2), nn.Dropout(0.3),
+            nn.Linear(256, 1))
+
+    def forward(self, x):
+        return self.net(x.flatten(1)).view(-1)
+
+
+@torch.no_grad()
+def sample(G, z):
+    G.eval()
+    images = G(z)
+    G.train()
+    return images
+
+
+def generate_samples(run_device):
+    G = common.load_weights(Generator(z_dim, img_size), f"{results_dir}/{MODEL}_generator.pt").to(run_device)
+    path = f"{results_dir}/{MODEL}_generated.png"
+    common.save_grid(sample(G, noise(generate, run_device)), path, nrow=common.square_side(generate))
+    print(f"wrote {path}: {generate} samples")
+
+
+def train(config, run_device):
+    images, _ = common.load_training_set(data_dir, img_size, train_limit, batch_size, run_device)
+
+    G, D = Generator(z_dim, img_size).to(run_device), Discriminator(img_size).to(run_device)
+    G_avg = common.averaged(G, ema_decay)
+    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999))
+    run = common.Run(MODEL, config, models={'generator': G, 'discriminator': D, 'generator_average': G_avg},
+                     optimizers={'generator': opt_G, 'discriminator': opt_D},
+                     exports={'generator': G_avg.module, 'discriminator': D})
+    common.save_grid(common.to_unit_range(images[:25]), run.path('raw_MNIST.png'), nrow=5)
+    first_epoch = run.start(lambda: {'z': noise(25, run_device)})
+    fixed_z = run.fixed['z'].to(run_device)
+    loss = nn.BCEWithLogitsLoss()
+    real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
+    ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
+
+    try:
+        for epoch in range(first_epoch, train_epoch + 1):
+            sums = torch.zeros(4, device=run_device)  # loss_d, loss_g, D(x), D(G(z)): read once per epoch
+            batches = common.shuffled_batches(len(images), batch_size, run_device)
+            start = time.perf_counter()
+            for index in common.progress(batches, f"epoch {epoch}"):
+                x = common.to_unit_range(images[index])
+                fake = G(noise(batch_size, run_device))
+                d_real = D(x)
+                d_fake = D(fake.detach())
+                loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
+                opt_D.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_D.step()
+
+                loss_g = loss(D(fake), ones)
+                opt_G.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_G.step()
+                G_avg.update_parameters(G)
+
+                sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
+            common.synchronize(run_device)
+            seconds = time.perf_counter() - start
+            label = f"Epoch {epoch}"
+            common.save_grid(sample(G_avg.module, fixed_z), run.fixed_grid_path(epoch), nrow=5, label=label)
+            common.save_grid(sample(G_avg.module, noise(25, run_device)), run.random_grid_path(epoch), nrow=5,
+                             label=label)
+            run.end_epoch(epoch, sums / len(batches), seconds, batches.numel())
+    except KeyboardInterrupt:
+        run.interrupted()
+    run.finish()
+
+
+if __name__ == '__main__':
+    config = common.configure(globals())
+    run_device = common.pick_device(device)
+    torch.manual_seed(seed)
+    if generate:
+        generate_samples(run_device)
+    else:
+        train(config, run_device)
