@@ -23,9 +23,12 @@ def fail(message, status=1):
 
 
 def constant_names(namespace):
-    """The script's constants: its lower-case module-level int, float, bool and str names."""
+    """The script's constants: its module-level int, float, bool and str names that start lower-case.
+
+    Upper-case names (MODEL, N_CLASSES) are fixed facts of the experiment, not knobs.
+    """
     return [name for name, value in namespace.items()
-            if not name.startswith('_') and name.islower() and type(value) in (int, float, bool, str)]
+            if name[0].islower() and type(value) in (int, float, bool, str)]
 
 
 def constant_help(source_path):
@@ -358,21 +361,25 @@ class Run:
             print(f"{self.dir}: resuming after epoch {epoch}")
         return epoch + 1
 
-    def end_epoch(self, epoch, means, seconds, n_images):
-        """Record a finished epoch: print its line, save weights, history and checkpoint.
+    def end_epoch(self, epoch, means, seconds, n_images, grids):
+        """Record a finished epoch: check it, print its line, save grids, weights, history and checkpoint.
 
-        means: a tensor of the epoch's mean loss_d, loss_g, D(x) and D(G(z)), read here once.
+        means: a tensor of the epoch's mean loss_d, loss_g, D(x) and D(G(z)), read here once;
+        grids: {path: (images, columns)}, captioned "Epoch N".
         """
         stats = dict(zip(('loss_d', 'loss_g', 'd_real', 'd_fake'), means.tolist()),
                      seconds=seconds, images_per_second=n_images / seconds)
         bad = [k for k, v in stats.items() if not math.isfinite(v)]
         if bad:
-            fail(f"epoch {epoch}: {', '.join(bad)} became {stats[bad[0]]}; training diverged. The checkpoint "
-                 f"of epoch {epoch - 1} is kept in {self.dir}; try a lower --lr")
+            kept = f"the checkpoint of epoch {epoch - 1} is kept in {self.dir}" if epoch > 1 else "no epoch was saved"
+            fail(f"epoch {epoch}: {', '.join(bad)} became {stats[bad[0]]}; training diverged and {kept}; "
+                 f"try a lower --lr")
         self.history.append({'epoch': epoch, **stats})
         print(f"[{epoch}/{self.config['train_epoch']}] - ptime: {stats['seconds']:.2f}, "
               f"loss_d: {stats['loss_d']:.3f}, loss_g: {stats['loss_g']:.3f}, D(x): {stats['d_real']:.3f}, "
               f"D(G(z)): {stats['d_fake']:.3f}, {stats['images_per_second']:.0f} img/s", flush=True)
+        for path, (images, columns) in grids.items():
+            save_grid(images, path, columns, label=f"Epoch {epoch}")
         for name, model in self.exports.items():
             atomic_write(self.path(f"{self.name}_{name}.pt"), lambda t, m=model: torch.save(m.state_dict(), t))
         self.save_history()

@@ -147,9 +147,8 @@ def train(config, run_device):
                 sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
             common.synchronize(run_device)
             seconds = time.perf_counter() - start
-            common.save_grid(sample(G_avg.module, fixed_z, fixed_labels), run.fixed_grid_path(epoch), nrow=10,
-                             label=f"Epoch {epoch}")
-            run.end_epoch(epoch, sums / len(batches), seconds, batches.numel())
+            grids = {run.fixed_grid_path(epoch): (sample(G_avg.module, fixed_z, fixed_labels), 10)}
+            run.end_epoch(epoch, sums / len(batches), seconds, batches.numel(), grids)
     except KeyboardInterrupt:
         run.interrupted()
     run.finish()

@@ -105,6 +105,7 @@ def train(config, run_device):
     common.save_grid(common.to_unit_range(images[:25]), run.path('raw_MNIST.png'), nrow=5)
     first_epoch = run.start(lambda: {'z': noise(25, run_device)})
     fixed_z = run.fixed['z'].to(run_device)
+    common.set_learning_rate((opt_G, opt_D), lr)  # over a resumed optimizer's, so --lr applies
     loss = nn.BCEWithLogitsLoss()
     real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
     ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
@@ -133,11 +134,9 @@ def train(config, run_device):
                 sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
             common.synchronize(run_device)
             seconds = time.perf_counter() - start
-            label = f"Epoch {epoch}"
-            common.save_grid(sample(G_avg.module, fixed_z), run.fixed_grid_path(epoch), nrow=5, label=label)
-            common.save_grid(sample(G_avg.module, noise(25, run_device)), run.random_grid_path(epoch), nrow=5,
-                             label=label)
-            run.end_epoch(epoch, sums / len(batches), seconds, batches.numel())
+            grids = {run.fixed_grid_path(epoch): (sample(G_avg.module, fixed_z), 5),
+                     run.random_grid_path(epoch): (sample(G_avg.module, noise(25, run_device)), 5)}
+            run.end_epoch(epoch, sums / len(batches), seconds, batches.numel(), grids)
     except KeyboardInterrupt:
         run.interrupted()
     run.finish()

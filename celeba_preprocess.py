@@ -1,0 +1,236 @@
+"""Resize CelebA's aligned faces into female/ and male/ folders of img_size x img_size JPEGs.
+
+Reads img_align_celeba/ (or img_align_celeba.zip, left packed) and list_attr_celeba.txt from
+celeba_dir; torchvision's celeba/ subfolder and Kaggle's layout (img_align_celeba/img_align_celeba/,
+list_attr_celeba.csv) work too. A rerun skips the images already written, so an interrupted run is
+finished by running the same command again.
+"""
+import functools
+import math
+import os
+import signal
+import time
+import zipfile
+from collections import Counter
+from io import BytesIO
+from multiprocessing import Pool
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from common import configure, fail
+
+celeba_dir = 'data/celebA'  # folder holding img_align_celeba/ (or img_align_celeba.zip) and list_attr_celeba.txt
+isCrop = False             # keep only the centred 108x108 face instead of the whole centred 178x178 square
+img_size = 64               # side of the square output images, in pixels
+output_dir = ''             # where female/ and male/ go; '' = data/resized_celebA (data/resized_celebA_crop if isCrop)
+workers = 0                 # processes resizing in parallel; 0 = all cores
+
+CELEBA_PAGE = 'http://mmlab.ie.cuhk.edu.hk/projects/CelebA.html'
+# Kaggle's doubly nested folder first: its outer img_align_celeba/ holds only the inner one.
+IMAGE_PLACES = ('img_align_celeba/img_align_celeba', 'img_align_celeba', 'img_align_celeba.zip')
+ATTRIBUTE_PLACES = ('list_attr_celeba.txt', 'list_attr_celeba.csv')
+CLASSES = {-1: 'female', 1: 'male'}  # by the value in the Male column
+CROP_SIDE = 108    # the face crop of the DCGAN-era CelebA experiments
+JPEG_QUALITY = 95
+TEMP_SUFFIX = '.tmp'  # each output is written as .NAME.tmp and then renamed, so a killed run leaves no half file
+SHOWN = 5          # names listed per kind of problem in the summary
+
+
+def output_folder(isCrop, output_dir=''):
+    """The folder holding female/ and male/: output_dir, or the default the training scripts read."""
+    return output_dir or ('data/resized_celebA_crop' if isCrop else 'data/resized_celebA')
+
+
+# ---------------------------------------------------------------- finding and reading CelebA
+
+def locate(root):
+    """(image folder or zip, attribute file) in root or torchvision's root/celeba/; fail if either is absent."""
+    def first_existing(places):
+        paths = [os.path.join(base, place) for base in (root, os.path.join(root, 'celeba')) for place in places]
+        return next((path for path in paths if os.path.exists(path)), None)
+
+    images, attributes = first_existing(IMAGE_PLACES), first_existing(ATTRIBUTE_PLACES)
+    lacking = [what for what, found in (('img_align_celeba/ or img_align_celeba.zip', images),
+                                        ('list_attr_celeba.txt', attributes)) if not found]
+    if lacking:
+        fail(f"{root}/ has no {' and no '.join(lacking)}: download \"Align&Cropped Images\" img_align_celeba.zip "
+             f"and Anno/list_attr_celeba.txt from the CelebA page of MMLAB, CUHK ({CELEBA_PAGE}) and put both "
+             f"in {root}/ (the zip may stay packed), or point --celeba_dir at them")
+    return images, attributes
+
+
+def read_table(path):
+    """The attribute file as (column names, rows of [image name, values ...]); fail if its header is wrong."""
+    with open(path, encoding='utf-8', errors='replace') as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    if path.endswith('.csv'):  # Kaggle: image_id,5_o_Clock_Shadow,...  then  000001.jpg,-1,1,...
+        header = lines[0].split(',') if lines else []
+        if header[:1] != ['image_id']:
+            fail(f"{path}: line 1 should be image_id and the 40 attribute names, separated by commas")
+        return header[1:], [line.split(',') for line in lines[1:]]
+    # Official: the image count, the 40 names, then rows whose columns are separated by one or more spaces.
+    if len(lines) < 2 or not lines[0].strip().isdigit() or lines[1].split()[0].endswith('.jpg'):
+        fail(f"{path}: line 1 should be the image count and line 2 the 40 attribute names "
+             f"(5_o_Clock_Shadow ... Young); download Anno/list_attr_celeba.txt again from {CELEBA_PAGE}")
+    rows = [line.split() for line in lines[2:]]
+    if int(lines[0]) != len(rows):  # a cut-off download
+        fail(f"{path}: line 1 says {int(lines[0])} images but {len(rows)} are listed; download it again")
+    return lines[1].split(), rows
+
+
+def read_genders(path):
+    """Map each listed image name to -1 (female) or 1 (male), from the Male column."""
+    names, rows = read_table(path)
+    if 'Male' not in names:
+        fail(f"{path} has no Male column (its columns: {' '.join(names[:4])} ...); "
+             f"it should be CelebA's list_attr_celeba.txt")
+    column = names.index('Male') + 1
+    genders = {}
+    for row in rows:
+        if len(row) != len(names) + 1 or row[column] not in ('1', '-1'):
+            fail(f"{path}: cannot read the row {' '.join(row)[:50]!r}...: expected an image name "
+                 f"and {len(names)} values of 1 or -1")
+        genders[row[0]] = int(row[column])
+    return genders
+
+
+def list_images(images):
+    """Map each .jpg name to its path in the folder, or its member name in the zip."""
+    try:
+        if images.endswith('.zip'):
+            with zipfile.ZipFile(images) as z:
+                found = {os.path.basename(n): n for n in z.namelist() if n.endswith('.jpg')}
+        else:
+            found = {n: os.path.join(images, n) for n in os.listdir(images) if n.endswith('.jpg')}
+    except zipfile.BadZipFile as e:
+        fail(f"cannot read {images} ({e}); download it again from {CELEBA_PAGE}")
+    if not found:
+        fail(f"{images} holds no .jpg images; it should hold CelebA's 000001.jpg ... 202599.jpg")
+    return found
+
+
+# ---------------------------------------------------------------- resizing one image (in a worker)
+
+@functools.lru_cache(maxsize=None)
+def open_zip(path):
+    """The zip, opened once per worker process: reading the index of 202,599 members is slow."""
+    return zipfile.ZipFile(path)
+
+
+def square_face(im, size, crop):
+    """The centred square face (whole 178x178, or 108x108 if crop) of a CelebA image, as size x size RGB."""
+    width, height = im.size
+    side = CROP_SIDE if crop else min(width, height)
+    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale, as far as the square keeps >= size pixels: the main saving.
+    drafted = im.draft('RGB', (math.ceil(width * size / side), math.ceil(height * size / side)))
+    scale = drafted[1][2] / width if drafted else 1  # draft gives the whole image's box in decoded pixels
+    left, top = (width - side) / 2 * scale, (height - side) / 2 * scale
+    box = (left, top, left + side * scale, top + side * scale)
+    return im.resize((size, size), Image.LANCZOS, box=box).convert('RGB')
+
+
+def convert(job, zip_path, size, crop):
+    """Write one resized face atomically; return (name, None), or (name, why) if the source is damaged."""
+    name, source, target = job
+    try:
+        with Image.open(BytesIO(open_zip(zip_path).read(source)) if zip_path else source) as im:
+            face = square_face(im, size, crop)
+    except UnidentifiedImageError:
+        return name, 'not an image'
+    except Exception as e:  # whatever a damaged file makes the decoder raise, skip it and go on
+        return name, str(e) or type(e).__name__
+    temp = os.path.join(os.path.dirname(target), '.' + name + TEMP_SUFFIX)
+    face.save(temp, 'JPEG', quality=JPEG_QUALITY)
+    os.replace(temp, target)
+    return name, None
+
+
+def ignore_interrupt():
+    """Leave Ctrl-C to the main process, which stops the pool: no traceback from every worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def convert_all(jobs, zip_path, size, crop, processes):
+    """Run convert over the jobs on all processes, with a progress bar; return its results."""
+    work = functools.partial(convert, zip_path=zip_path, size=size, crop=crop)
+    chunk = max(1, min(64, len(jobs) // (4 * processes)))  # big enough to save IPC, small enough to share out
+    with Pool(processes, initializer=ignore_interrupt) as pool:
+        return list(tqdm(pool.imap_unordered(work, jobs, chunk), total=len(jobs), unit='img', disable=None))
+
+
+# ---------------------------------------------------------------- the output folder
+
+def written_names(out, size):
+    """Names already written in each class folder; deletes the temp files a killed run left behind."""
+    done = {}
+    for cls in CLASSES.values():
+        folder = os.path.join(out, cls)
+        os.makedirs(folder, exist_ok=True)
+        names = os.listdir(folder)
+        for name in names:
+            if name.endswith(TEMP_SUFFIX):
+                os.remove(os.path.join(folder, name))
+        done[cls] = {name for name in names if name.endswith('.jpg')}
+        check_size(folder, done[cls], size)
+    return done
+
+
+def check_size(folder, names, size):
+    """Fail if the folder holds another size: a rerun would skip those images as done and mix the sizes."""
+    name = next(iter(names), None)
+    if name:
+        with Image.open(os.path.join(folder, name)) as im:
+            if im.size != (size, size):
+                fail(f"{folder}/ holds {im.size[0]}x{im.size[1]} images, not {size}x{size}; "
+                     "give another --output_dir or delete that folder")
+
+
+def some(names):
+    """The first few of the names, for one summary line."""
+    names = sorted(names)
+    return ', '.join(names[:SHOWN]) + (', ...' if len(names) > SHOWN else '')
+
+
+def main():
+    configure(globals())
+    if img_size < 1 or workers < 0:
+        fail("--img_size must be at least 1 and --workers at least 0 (0 = all cores)", 2)
+    started = time.time()
+    images, attributes = locate(celeba_dir)
+    genders = read_genders(attributes)
+    available = list_images(images)
+    out = output_folder(isCrop, output_dir)
+    done = written_names(out, img_size)
+
+    jobs, missing, present = [], [], 0
+    for name, gender in genders.items():
+        cls = CLASSES[gender]
+        if name in done[cls]:
+            present += 1
+        elif name not in available:
+            missing.append(name)
+        else:
+            jobs.append((name, available[name], os.path.join(out, cls, name)))
+    zip_path = images if images.endswith('.zip') else None
+    try:
+        results = convert_all(jobs, zip_path, img_size, isCrop, workers or os.cpu_count()) if jobs else []
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again to finish (the images written so far are kept)", 130)
+
+    seconds = time.time() - started
+    written = Counter(CLASSES[genders[name]] for name, problem in results if problem is None)
+    corrupt = [f'{name} ({problem})' for name, problem in results if problem is not None]
+    unlisted = available.keys() - genders.keys()
+    print(f"wrote {written['female']} female and {written['male']} male faces to {out}/ "
+          f"({present} already there) in {seconds:.1f} s, {sum(written.values()) / seconds:.0f} images/s")
+    if missing:
+        print(f"skipped {len(missing)} listed but missing from {images}: {some(missing)}")
+    if corrupt:
+        print(f"skipped {len(corrupt)} corrupt or truncated: {some(corrupt)}")
+    if unlisted:
+        print(f"ignored {len(unlisted)} not listed in {attributes}: {some(unlisted)}")
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,290 @@
+"""The four MNIST scripts end to end at tiny scale, on IDX files the fixtures write."""
+import importlib
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.utils import make_grid
+
+import common
+from conftest import REPO, run_script
+
+# script, model name, image side, grid columns, conditional, has a Random_results grid
+SCRIPTS = [
+    ('mnist_gan.py', 'MNIST_GAN', 28, 5, False, True),
+    ('mnist_cgan.py', 'MNIST_cGAN', 28, 10, True, False),
+    ('mnist_dcgan.py', 'MNIST_DCGAN', 64, 5, False, True),
+    ('mnist_cdcgan.py', 'MNIST_cDCGAN', 32, 10, True, False),
+]
+TINY = ['--train_limit=256', '--batch_size=32', '--device=cpu']
+
+
+def tiny_args(script, mnist_dir, results_dir, epochs=2):
+    width = ['--d=8'] if 'dcgan' in script else []
+    return [f'--data_dir={mnist_dir}', f'--results_dir={results_dir}', f'--train_epoch={epochs}', *TINY, *width]
+
+
+def grid_side(columns, side):
+    return columns * (side + 2) + 2  # make_grid's 2-pixel padding around every image
+
+
+def history(results_dir, model):
+    return json.loads((results_dir / f'{model}_train_hist.json').read_text())
+
+
+@pytest.fixture(scope='module', params=SCRIPTS, ids=[s[0] for s in SCRIPTS])
+def trained(request, mnist_dir, tmp_path_factory):
+    """Each script trained 2 tiny epochs; shared by the output checks below."""
+    script, model, side, columns, conditional, has_random = request.param
+    work = tmp_path_factory.mktemp(model)
+    result = run_script(script, *tiny_args(script, mnist_dir, work / 'out'), cwd=work)
+    assert result.returncode == 0, result.stderr
+    return dict(script=script, model=model, side=side, columns=columns, conditional=conditional,
+                has_random=has_random, out=work / 'out', stdout=result.stdout, work=work)
+
+
+def test_prints_the_seed_epoch_lines_and_total(trained):
+    lines = trained['stdout'].splitlines()
+    assert lines[0].startswith('[1/2] - ptime: ') and 'loss_d: ' in lines[0] and 'img/s' in lines[0]
+    assert lines[1].startswith('[2/2] - ptime: ')
+    assert any(line.startswith('Avg one epoch ptime: ') and 'total 2 epochs ptime: ' in line for line in lines)
+
+
+def test_every_output_is_written_and_readable(trained):
+    out, model, side, columns = trained['out'], trained['model'], trained['side'], trained['columns']
+    folders = ['Fixed_results'] + (['Random_results'] if trained['has_random'] else [])
+    for folder in folders:
+        for epoch in (1, 2):
+            with Image.open(out / folder / f'{model}_{epoch}.png') as grid:
+                # the caption strip "Epoch N" sits below the square grid
+                assert grid.width == grid_side(columns, side) and grid.height > grid.width
+    with Image.open(out / 'raw_MNIST.png') as raw:
+        assert raw.width == grid_side(columns, side)
+    with Image.open(out / f'{model}_train_hist.png') as plot:
+        assert plot.width > 100
+    with Image.open(out / f'{model}_generation_animation.gif') as gif:
+        assert gif.n_frames == 2
+    hist = history(out, model)
+    assert [e['epoch'] for e in hist['epochs']] == [1, 2]
+    for entry in hist['epochs']:
+        for key in ('loss_d', 'loss_g', 'd_real', 'd_fake', 'seconds', 'images_per_second'):
+            assert math.isfinite(entry[key])
+    assert hist['config']['train_epoch'] == 2 and hist['config']['d' if 'DC' in model else 'z_dim'] in (8, 100)
+    assert hist['total_seconds'] == pytest.approx(sum(e['seconds'] for e in hist['epochs']))
+
+
+def widths(trained):
+    return {'d': 8} if 'DC' in trained['model'] else {}
+
+
+def load_generator(trained):
+    module = importlib.import_module(trained['script'][:-3])
+    G = module.Generator(**widths(trained))
+    G.load_state_dict(torch.load(trained['out'] / f"{trained['model']}_generator.pt", weights_only=True))
+    torch.load(trained['out'] / f"{trained['model']}_discriminator.pt", weights_only=True)
+    return module, G.eval()
+
+
+def test_generator_reloads_with_the_documented_calling_convention(trained):
+    module, G = load_generator(trained)
+    z = module.noise(6, torch.device('cpu'))
+    assert z.shape == (6, G.z_dim) and z.dtype == torch.float32
+    args = (z, torch.tensor([0, 1, 2, 3, 4, 9])) if trained['conditional'] else (z,)
+    with torch.no_grad():
+        images = G(*args)
+    side = trained['side']
+    assert images.shape == (6, 1, side, side)
+    assert images.min() >= -1 and images.max() <= 1
+
+
+def test_generate_writes_a_grid_of_new_samples(trained):
+    width = [f'--d={w}' for w in widths(trained).values()]
+    args = [f"--results_dir={trained['out']}", *width, '--generate=3', '--device=cpu']
+    result = run_script(trained['script'], *args, cwd=trained['work'])
+    assert result.returncode == 0, result.stderr
+    with Image.open(trained['out'] / f"{trained['model']}_generated.png") as picture:
+        rows = 10 if trained['conditional'] else 2  # 3 per digit, or 3 in the squarest grid
+        assert picture.size == (grid_side(3 if trained['conditional'] else 2, trained['side']),
+                                grid_side(rows, trained['side']))
+
+
+def test_generate_rows_follow_the_requested_labels(trained):
+    if not trained['conditional']:
+        pytest.skip('unconditional model')
+    module, G = load_generator(trained)
+    # The script seeds, builds its generator (drawing initial weights), then draws the grid's inputs.
+    torch.manual_seed(0)
+    module.Generator(**widths(trained))
+    z, labels = module.class_grid_inputs(3, torch.device('cpu'))
+    assert labels.view(10, 3).tolist() == [[digit] * 3 for digit in range(10)]
+    with torch.no_grad():
+        expected = make_grid(G(z, labels), nrow=3, padding=2, normalize=True, value_range=(-1, 1))
+    expected = expected.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
+    with Image.open(trained['out'] / f"{trained['model']}_generated.png") as picture:
+        written = torch.from_numpy(__import__('numpy').array(picture.convert('RGB'))).permute(2, 0, 1)
+    assert torch.equal(written, expected)
+    # The same images with other labels differ: the rows really depend on the digit asked for.
+    with torch.no_grad():
+        assert not torch.allclose(G(z, labels), G(z, (labels + 1) % 10))
+
+
+def test_importing_has_no_side_effects(tmp_path):
+    code = "import sys; sys.argv = ['x', '--bogus=1']; " + '; '.join(
+        f"import {s[:-3]}" for s, *_ in SCRIPTS) + "; print('imported')"
+    result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                            env={'PYTHONPATH': str(REPO), 'PATH': '/usr/bin:/bin'}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == 'imported\n'
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('script', [s[0] for s in SCRIPTS])
+def test_help_lists_every_constant_with_its_meaning(script, tmp_path):
+    result = run_script(script, '--help', cwd=tmp_path)
+    assert result.returncode == 0
+    module = importlib.import_module(script[:-3])
+    for name in ('data_dir', 'results_dir', 'train_epoch', 'batch_size', 'lr', 'z_dim', 'img_size',
+                 'train_limit', 'device', 'seed', 'resume', 'generate'):
+        line = next(l for l in result.stdout.splitlines() if l.strip().startswith(f'--{name} '))
+        assert repr(getattr(module, name)) in line and len(line.split(repr(getattr(module, name)), 1)[1].strip()) > 5
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--lrr=0.1'], "unknown constant 'lrr'; valid: data_dir, results_dir"),
+    (['--train_epoch=1.5'], '--train_epoch=1.5: expected int'),
+    (['--lr=fast'], '--lr=fast: expected float'),
+    (['--lr=nan'], '--lr=nan: expected float'),
+    (['--resume=maybe'], '--resume=maybe: expected bool'),
+    (['lr=0.1'], "cannot read argument 'lr=0.1'"),
+])
+def test_bad_overrides_get_one_line_and_status_2(args, message, capsys):
+    namespace = {'__file__': str(REPO / 'mnist_cgan.py'), 'data_dir': 'data', 'results_dir': 'out',
+                 'train_epoch': 50, 'lr': 0.0002, 'resume': True}
+    with pytest.raises(SystemExit) as stop:
+        common.configure(namespace, args)
+    assert stop.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count('\n') == 1 and message in error
+
+
+def test_good_overrides_take_their_constants_types():
+    namespace = {'__file__': str(REPO / 'mnist_cgan.py'), 'lr': 0.0002, 'train_epoch': 50, 'resume': True,
+                 'device': 'auto', 'isCrop': False, 'MODEL': 'fixed'}
+    config = common.configure(namespace, ['--lr=1e-3', '--train_epoch=3', '--resume=false', '--device=cpu',
+                                          '--isCrop=True'])
+    assert config == {'lr': 1e-3, 'train_epoch': 3, 'resume': False, 'device': 'cpu', 'isCrop': True}
+
+
+def test_a_script_exits_2_on_a_bad_override_and_writes_nothing(tmp_path):
+    result = run_script('mnist_dcgan.py', '--dd=3', cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: unknown constant 'dd'; valid: ")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_continues_with_the_same_fixed_noise_and_randomness(mnist_dir, tmp_path):
+    out = tmp_path / 'resumed'
+    assert run_script('mnist_cgan.py', *tiny_args('mnist_cgan.py', mnist_dir, out, 1), cwd=tmp_path).returncode == 0
+    first = torch.load(out / 'checkpoint.pt', weights_only=True)
+    result = run_script('mnist_cgan.py', *tiny_args('mnist_cgan.py', mnist_dir, out, 2), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'resuming after epoch 1' in result.stdout and result.stdout.count('] - ptime') == 1
+    second = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert second['epoch'] == 2 and torch.equal(first['fixed']['z'], second['fixed']['z'])
+    with Image.open(out / 'MNIST_cGAN_generation_animation.gif') as gif:
+        assert gif.n_frames == 2
+    # An uninterrupted 2-epoch run gives exactly the same losses: nothing was lost or redrawn.
+    straight = tmp_path / 'straight'
+    assert run_script('mnist_cgan.py', *tiny_args('mnist_cgan.py', mnist_dir, straight, 2), cwd=tmp_path).returncode == 0
+    resumed_losses = [(e['loss_d'], e['loss_g']) for e in history(out, 'MNIST_cGAN')['epochs']]
+    assert resumed_losses == [(e['loss_d'], e['loss_g']) for e in history(straight, 'MNIST_cGAN')['epochs']]
+
+    again = run_script('mnist_cgan.py', *tiny_args('mnist_cgan.py', mnist_dir, out, 2), cwd=tmp_path)
+    assert again.returncode == 0 and 'already trained 2 epochs' in again.stdout
+
+
+def test_same_seed_same_losses_on_cpu(mnist_dir, tmp_path):
+    runs = [tmp_path / 'a', tmp_path / 'b']
+    for out in runs:
+        assert run_script('mnist_gan.py', *tiny_args('mnist_gan.py', mnist_dir, out, 2), cwd=tmp_path).returncode == 0
+    assert history(runs[0], 'MNIST_GAN')['epochs'][-1]['loss_g'] == history(runs[1], 'MNIST_GAN')['epochs'][-1]['loss_g']
+
+
+def start_script(script, args, cwd):
+    env_script = [sys.executable, str(REPO / script), *args]
+    from conftest import OFFLINE
+    import os
+    return subprocess.Popen(env_script, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1'})
+
+
+def wait_for_checkpoint(process, checkpoint, timeout=120):
+    deadline = time.time() + timeout
+    while not checkpoint.exists():
+        assert process.poll() is None and time.time() < deadline, 'no checkpoint was written'
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize('delay', [0.0, 0.3, 0.7])
+def test_a_killed_run_resumes_from_its_last_complete_epoch(mnist_dir, tmp_path, delay):
+    out = tmp_path / 'killed'
+    process = start_script('mnist_gan.py', tiny_args('mnist_gan.py', mnist_dir, out, 100), tmp_path)
+    wait_for_checkpoint(process, out / 'checkpoint.pt')
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = torch.load(out / 'checkpoint.pt', weights_only=True)  # never half written
+    done = saved['epoch']
+    assert len(saved['history']) == done >= 1
+    result = run_script('mnist_gan.py', *tiny_args('mnist_gan.py', mnist_dir, out, done + 1), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f'resuming after epoch {done}' in result.stdout
+    assert [e['epoch'] for e in history(out, 'MNIST_GAN')['epochs']] == list(range(1, done + 2))
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(mnist_dir, tmp_path):
+    out = tmp_path / 'interrupted'
+    process = start_script('mnist_gan.py', tiny_args('mnist_gan.py', mnist_dir, out, 100), tmp_path)
+    wait_for_checkpoint(process, out / 'checkpoint.pt')
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert 'Traceback' not in stderr and 'Run the same command again to resume' in stderr
+    assert torch.load(out / 'checkpoint.pt', weights_only=True)['epoch'] >= 1
+
+
+def test_a_checkpoint_of_other_constants_gets_one_line(mnist_dir, tmp_path):
+    out = tmp_path / 'run'
+    assert run_script('mnist_dcgan.py', *tiny_args('mnist_dcgan.py', mnist_dir, out, 1), cwd=tmp_path).returncode == 0
+    result = run_script('mnist_dcgan.py', *tiny_args('mnist_dcgan.py', mnist_dir, out, 2), '--d=16', cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.count('\n') == 1 and 'd=8 (now 16)' in result.stderr
+
+
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path):
+    out = tmp_path / 'diverged'
+    assert run_script('mnist_gan.py', *tiny_args('mnist_gan.py', mnist_dir, out, 1), cwd=tmp_path).returncode == 0
+    result = run_script('mnist_gan.py', *tiny_args('mnist_gan.py', mnist_dir, out, 3), '--lr=1e30', cwd=tmp_path)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert 'training diverged' in result.stderr and 'epoch 1 is kept' in result.stderr
+    assert torch.load(out / 'checkpoint.pt', weights_only=True)['epoch'] == 1
+
+
+def test_generate_without_a_trained_generator_gets_one_line(tmp_path):
+    result = run_script('mnist_cdcgan.py', '--generate=4', cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr.count('\n') == 1
+    assert 'no trained generator at MNIST_cDCGAN_results/MNIST_cDCGAN_generator.pt' in result.stderr
+
+
+def test_missing_mnist_without_network_names_the_folder_and_files(tmp_path):
+    result = run_script('mnist_cgan.py', '--data_dir=nowhere', cwd=tmp_path, timeout=120)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith('error: MNIST is missing from nowhere/MNIST/raw/')
+    assert 'train-images-idx3-ubyte' in last and 't10k-labels-idx1-ubyte' in last
