@@ -242,19 +242,20 @@ def save_animation(frame_paths, gif_path, seconds_per_frame=0.5):
     imageio.mimsave(gif_path, frames, duration=seconds_per_frame, loop=0)
 
 
-def plot_curves(history, keys, path, ylabel):
-    """Per-epoch curves of the history entries named by keys, one line each."""
+def plot_curves(history, panels, path):
+    """Per-epoch curves side by side: panels is [(y label, [history keys]), ...]."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     epochs = [h['epoch'] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in keys:
-        ax.plot(epochs, [h[key] for h in history], marker='.', label=key)
-    ax.set_xlabel('epoch')
-    ax.set_ylabel(ylabel)
-    ax.legend()
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (ylabel, keys) in zip(axes[0], panels):
+        for key in keys:
+            ax.plot(epochs, [h[key] for h in history], marker='.', label=key)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -280,6 +281,20 @@ def save_json(obj, path):
     atomic_write(path, write)
 
 
+def generator_weights(results_dir, model_name, generate_from):
+    """The generator file --generate samples from: the best by fid, or the last epoch's."""
+    last = os.path.join(results_dir, f"{model_name}_generator.pt")
+    if generate_from == 'last':
+        return last
+    if generate_from != 'best':
+        fail(f"--generate_from={generate_from}: choose best or last", 2)
+    best = os.path.join(results_dir, f"{model_name}_generator_best.pt")
+    if os.path.exists(best) or not os.path.exists(last):
+        return best
+    print(f"no {best} (quality was not measured); sampling from the last generator")
+    return last
+
+
 def load_weights(model, path):
     """Load a state_dict saved by a training run, or stop with one line saying how to get it."""
     if not os.path.exists(path):
@@ -297,8 +312,22 @@ def averaged(model, decay):
 
     decay 0 makes it a plain copy of the latest weights, the original recipe.
     """
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    from torch.optim.swa_utils import AveragedModel
+
+    @torch.no_grad()
+    def ema(averaged_params, current_params, steps):
+        # A short memory at first, (1 + n) / (10 + n), so early grids do not show the random start.
+        n = int(steps)
+        keep = min(decay, (1 + n) / (10 + n))
+        for average, current in zip(averaged_params, current_params):
+            if average.is_floating_point():
+                average.lerp_(current, 1 - keep)
+            else:  # BatchNorm's step counter
+                average.copy_(current)
+    return AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
+
+
+COLLAPSED_LOSS_D = 0.05  # a discriminator this sure of itself for a whole epoch gives G no gradient
 
 
 class Run:
@@ -361,11 +390,12 @@ class Run:
             print(f"{self.dir}: resuming after epoch {epoch}")
         return epoch + 1
 
-    def end_epoch(self, epoch, means, seconds, n_images, grids):
+    def end_epoch(self, epoch, means, seconds, n_images, grids, quality=None):
         """Record a finished epoch: check it, print its line, save grids, weights, history and checkpoint.
 
         means: a tensor of the epoch's mean loss_d, loss_g, D(x) and D(G(z)), read here once;
-        grids: {path: (images, columns)}, captioned "Epoch N".
+        grids: {path: (images, columns)}, captioned "Epoch N"; quality: scores with an 'fid', if measured.
+        Returns True when the run should stop: it collapsed and the constant stop_on_collapse says so.
         """
         stats = dict(zip(('loss_d', 'loss_g', 'd_real', 'd_fake'), means.tolist()),
                      seconds=seconds, images_per_second=n_images / seconds)
@@ -374,14 +404,17 @@ class Run:
             kept = f"the checkpoint of epoch {epoch - 1} is kept in {self.dir}" if epoch > 1 else "no epoch was saved"
             fail(f"epoch {epoch}: {', '.join(bad)} became {stats[bad[0]]}; training diverged and {kept}; "
                  f"try a lower --lr")
-        self.history.append({'epoch': epoch, **stats})
+        stats = {'epoch': epoch, **stats, **(quality or {})}
+        self.history.append(stats)
+        scores = ''.join(f", {key}: {value:.3f}" for key, value in (quality or {}).items())
         print(f"[{epoch}/{self.config['train_epoch']}] - ptime: {stats['seconds']:.2f}, "
               f"loss_d: {stats['loss_d']:.3f}, loss_g: {stats['loss_g']:.3f}, D(x): {stats['d_real']:.3f}, "
-              f"D(G(z)): {stats['d_fake']:.3f}, {stats['images_per_second']:.0f} img/s", flush=True)
+              f"D(G(z)): {stats['d_fake']:.3f}, {stats['images_per_second']:.0f} img/s{scores}", flush=True)
         for path, (images, columns) in grids.items():
             save_grid(images, path, columns, label=f"Epoch {epoch}")
         for name, model in self.exports.items():
             atomic_write(self.path(f"{self.name}_{name}.pt"), lambda t, m=model: torch.save(m.state_dict(), t))
+        self._keep_if_best(epoch)
         self.save_history()
         state = {'epoch': epoch, 'config': self.config, 'history': self.history, 'fixed': self.fixed,
                  'models': {n: m.state_dict() for n, m in self.models.items()},
@@ -389,6 +422,34 @@ class Run:
                  'rng': {'cpu': torch.get_rng_state(),
                          'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
         atomic_write(self.checkpoint_path, lambda t: torch.save(state, t))
+        return self._collapsed(stats) and self.config.get('stop_on_collapse', False)
+
+    def best(self):
+        """The history entry of the lowest fid, or None where quality is not measured."""
+        return min((h for h in self.history if 'fid' in h), key=lambda h: h['fid'], default=None)
+
+    def best_generator_path(self):
+        return self.path(f"{self.name}_generator_best.pt")
+
+    def _keep_if_best(self, epoch):
+        if self.best() is not None and self.best()['epoch'] == epoch:
+            generator = self.exports['generator']
+            atomic_write(self.best_generator_path(), lambda t: torch.save(generator.state_dict(), t))
+
+    def _collapsed(self, stats):
+        """Say so plainly when quality falls apart: fid far above its best, or D winning outright."""
+        best = self.best()
+        signs = []
+        if 'fid' in stats and stats['fid'] > self.config['collapse_factor'] * best['fid']:
+            signs.append(f"fid {stats['fid']:.1f} is over {self.config['collapse_factor']:g} times "
+                         f"the best, {best['fid']:.1f} at epoch {best['epoch']}")
+        if stats['loss_d'] < COLLAPSED_LOSS_D:
+            signs.append(f"the discriminator's loss averaged {stats['loss_d']:.3f} over the epoch")
+        if signs:
+            going = "stopping (stop_on_collapse)" if self.config.get('stop_on_collapse') else "going on"
+            kept = f" The best generator stays in {self.best_generator_path()}" if best else ""
+            print(f"COLLAPSE at epoch {stats['epoch']}: {'; '.join(signs)}; {going}.{kept}", flush=True)
+        return bool(signs)
 
     def save_history(self):
         seconds = sum(h['seconds'] for h in self.history)
@@ -405,15 +466,132 @@ class Run:
         """Loss plot, animation and the closing timing line, from the whole history."""
         if not self.history:
             return
-        plot_curves(self.history, ['loss_d', 'loss_g'], self.path(f"{self.name}_train_hist.png"), 'loss')
+        plot_curves(self.history, [('loss', ['loss_d', 'loss_g'])], self.path(f"{self.name}_train_hist.png"))
+        best = self.best()
+        if best is not None:
+            shares = [key for key in ('class_acc', 'class_entropy') if key in best]
+            plot_curves(self.history, [('fid (lower is better)', ['fid']), ('share or nats', shares)],
+                        self.path(f"{self.name}_quality.png"))
         frames = [self.fixed_grid_path(h['epoch']) for h in self.history]
         save_animation([p for p in frames if os.path.exists(p)], self.path(f"{self.name}_generation_animation.gif"))
         seconds = [h['seconds'] for h in self.history]
         print(f"Avg one epoch ptime: {sum(seconds) / len(seconds):.2f}, "
               f"total {len(seconds)} epochs ptime: {sum(seconds):.2f}")
         print(f"outputs in {self.dir}/")
+        if best is not None:
+            print(f"best generator: epoch {best['epoch']}, fid {best['fid']:.2f}, in {self.best_generator_path()}")
 
     def interrupted(self):
         done = self.history[-1]['epoch'] if self.history else 0
         fail(f"interrupted; {self.checkpoint_path} holds epoch {done}. "
              f"Run the same command again to resume", 130)
+
+
+# ---------------------------------------------------------------- CelebA images
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+
+
+def scan_image_folder(folder):
+    """(class names, image paths, int64 labels, fingerprint) of a folder with one subfolder per class.
+
+    Classes and images come in sorted order, as torchvision's ImageFolder reads them. The fingerprint
+    (count, newest mtime, a hash of the names) changes when an image is added, removed or rewritten.
+    """
+    import hashlib
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir()) if os.path.isdir(folder) else []
+    paths, labels, newest, names = [], [], 0, hashlib.sha256()
+    for label, name in enumerate(classes):
+        entries = [e for e in os.scandir(os.path.join(folder, name)) if e.name.lower().endswith(IMAGE_SUFFIXES)]
+        for entry in sorted(entries, key=lambda e: e.name):
+            paths.append(entry.path)
+            labels.append(label)
+            newest = max(newest, entry.stat().st_mtime_ns)
+            names.update(f"{name}/{entry.name}\n".encode())
+    return classes, paths, torch.tensor(labels, dtype=torch.long), f"{len(paths)} {newest} {names.hexdigest()}"
+
+
+def image_folder_tensor(folder, size, command):
+    """The images of a class-per-subfolder folder as uint8 (N, 3, size, size), int64 labels and class names.
+
+    They are decoded once into <folder>.u8 beside the folder and memory-mapped from it afterwards, so no
+    epoch decodes a JPEG; <folder>.u8.json holds the shape and the folder's fingerprint, and a changed
+    folder is decoded again. command is what makes the folder, for the one-line errors.
+    """
+    classes, paths, labels, fingerprint = scan_image_folder(folder)
+    if not paths:
+        fail(f"{folder}/ is missing or has no class folders of images; make it with: {command}")
+    data_path = os.path.normpath(folder) + '.u8'
+    index = {'fingerprint': fingerprint, 'shape': [len(paths), 3, size, size]}
+    if not cache_is_current(index, data_path):
+        decode_into(data_path, paths, index['shape'], folder, command)
+        save_json(index, data_path + '.json')  # last: a cache without its index is never trusted
+    images = torch.from_file(data_path, shared=False, size=math.prod(index['shape']), dtype=torch.uint8)
+    return images.view(index['shape']), labels, classes
+
+
+def cache_is_current(index, data_path):
+    """Whether data_path holds the images its index describes, of the folder as it is now."""
+    try:
+        with open(data_path + '.json') as f:
+            return json.load(f) == index and os.path.getsize(data_path) == math.prod(index['shape'])
+    except (OSError, ValueError):  # no cache yet, or a damaged index: decode again
+        return False
+
+
+def decode_into(data_path, paths, shape, folder, command):
+    """Decode the images into the raw uint8 file data_path, atomically, with a progress bar."""
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
+    print(f"decoding the {len(paths)} images of {folder}/ once into {data_path}; later runs reuse it", flush=True)
+
+    def write(temp):
+        with open(temp, 'wb') as f:  # made here, not by from_file, for the usual permissions (umask, not 0600)
+            f.truncate(math.prod(shape))
+        images = torch.from_file(temp, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
+        for i, path in enumerate(progress(paths, 'decoding')):
+            try:
+                with Image.open(path) as im:
+                    if im.size != (shape[3], shape[2]):
+                        fail(f"{path} is {im.width}x{im.height}, not {shape[3]}x{shape[2]}; "
+                             f"delete {folder}/ and make it again with: {command}")
+                    images[i] = pil_to_tensor(im.convert('RGB'))
+            except OSError:  # not an image, or a truncated one
+                fail(f"cannot decode {path}; delete it and make it again with: {command}")
+    atomic_write(data_path, write)
+
+
+def evenly_spaced(n, count):
+    """count indices spread evenly over range(n): a sample of a class-sorted set that keeps its class mix."""
+    return torch.linspace(0, n - 1, count).round().long()
+
+
+def celeba_preprocess_command(data_dir, isCrop):
+    """The command that writes the faces the training scripts read from data_dir."""
+    import shlex
+    from celeba_preprocess import output_folder
+    args = ['--isCrop=True'] if isCrop else []
+    if os.path.normpath(data_dir) != os.path.normpath(output_folder(isCrop)):
+        args.append(f"--output_dir={data_dir}")
+    return shlex.join(['python', 'celeba_preprocess.py', *args])
+
+
+def load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, device):
+    """The faces celeba_preprocess.py wrote: uint8 images (N, 3, img_size, img_size) and labels, female 0, male 1.
+
+    On a CUDA device when they take under half its free memory, so batches are sliced there; else the
+    memory-mapped cache, whose batches are sliced on the host and copied over.
+    """
+    command = celeba_preprocess_command(data_dir, isCrop)
+    images, labels, classes = image_folder_tensor(data_dir, img_size, command)
+    if classes != ['female', 'male'] or 0 in labels.bincount(minlength=2):
+        fail(f"{data_dir}/ should hold faces in female/ and male/ and no other folder; make it with: {command}")
+    if train_limit:
+        keep = evenly_spaced(len(images), min(train_limit, len(images)))
+        images, labels = images[keep], labels[keep]
+    if len(images) < batch_size:
+        fail(f"{len(images)} training images is less than one batch of {batch_size}; "
+             f"raise --train_limit or lower --batch_size")
+    if device.type == 'cuda' and images.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
+        images, labels = images.to(device), labels.to(device)
+    return images, labels

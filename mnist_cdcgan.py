@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
+from mnist_classifier import MnistQuality
 
 data_dir = 'data'                     # holds MNIST/raw/ with the four IDX files
 results_dir = 'MNIST_cDCGAN_results'  # grids, plots, weights, history and checkpoint go here
@@ -27,6 +28,10 @@ resume = True                         # continue from results_dir/checkpoint.pt 
 generate = 0                          # N > 0: only write N new samples per digit from the trained G
 label_smoothing = 0.1                 # D's target for real images is 1 - this (one-sided); 0 = original
 ema_decay = 0.999                     # grids and saved G use an EMA of G's weights; 0 = original (raw G)
+quality_samples = 2000                # samples scored after each epoch (fid, class_entropy, class_acc); 0 = off
+collapse_factor = 4.0                 # an epoch whose fid is over this times the best is reported as a collapse
+stop_on_collapse = False              # on a collapse: True stops training, False goes on; the best G is kept
+generate_from = 'best'                # --generate samples from the 'best' generator by fid, or the 'last'
 
 MODEL = 'MNIST_cDCGAN'
 N_CLASSES = 10
@@ -94,9 +99,16 @@ def class_grid_inputs(columns, device):
 @torch.no_grad()
 def sample(G, z, labels):
     G.eval()
-    images = G(z, labels)
+    images = torch.cat([G(*chunk) for chunk in zip(z.split(500), labels.split(500))])
     G.train()
     return images
+
+
+def fixed_inputs(device):
+    """The inputs of the per-epoch grid and of the quality measurement, kept for the whole run."""
+    grid_z, grid_labels = class_grid_inputs(10, device)
+    return {'z': grid_z, 'labels': grid_labels, 'quality_z': noise(quality_samples, device),
+            'quality_labels': torch.arange(quality_samples, device=device) % N_CLASSES}
 
 
 def learning_rate(epoch):
@@ -104,7 +116,8 @@ def learning_rate(epoch):
 
 
 def generate_samples(run_device):
-    G = common.load_weights(Generator(z_dim, d), f"{results_dir}/{MODEL}_generator.pt").to(run_device)
+    weights = common.generator_weights(results_dir, MODEL, generate_from)
+    G = common.load_weights(Generator(z_dim, d), weights).to(run_device)
     z, labels = class_grid_inputs(generate, run_device)
     path = f"{results_dir}/{MODEL}_generated.png"
     common.save_grid(sample(G, z, labels), path, nrow=generate)
@@ -123,9 +136,11 @@ def train(config, run_device):
     run = common.Run(MODEL, config, models={'generator': G, 'discriminator': D, 'generator_average': G_avg},
                      optimizers={'generator': opt_G, 'discriminator': opt_D},
                      exports={'generator': G_avg.module, 'discriminator': D})
+    # Before start(), whose restored random state must not be drawn from by anything but training.
+    quality = MnistQuality(data_dir, img_size, run_device) if quality_samples else None
     common.save_grid(common.to_unit_range(images[:100]), run.path('raw_MNIST.png'), nrow=10)
-    first_epoch = run.start(lambda: dict(zip(('z', 'labels'), class_grid_inputs(10, run_device))))
-    fixed_z, fixed_labels = run.fixed['z'].to(run_device), run.fixed['labels'].to(run_device)
+    first_epoch = run.start(lambda: fixed_inputs(run_device))
+    fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
     loss = nn.BCEWithLogitsLoss()
     real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
     ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
@@ -156,8 +171,11 @@ def train(config, run_device):
                 sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
             common.synchronize(run_device)
             seconds = time.perf_counter() - start
-            grids = {run.fixed_grid_path(epoch): (sample(G_avg.module, fixed_z, fixed_labels), 10)}
-            run.end_epoch(epoch, sums / len(batches), seconds, batches.numel(), grids)
+            grids = {run.fixed_grid_path(epoch): (sample(G_avg.module, fixed['z'], fixed['labels']), 10)}
+            scores = quality and quality.score(sample(G_avg.module, fixed['quality_z'], fixed['quality_labels']),
+                                               fixed['quality_labels'])
+            if run.end_epoch(epoch, sums / len(batches), seconds, batches.numel(), grids, scores):
+                break
     except KeyboardInterrupt:
         run.interrupted()
     run.finish()

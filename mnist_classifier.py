@@ -174,6 +174,9 @@ class MnistQuality:
         if images.dim() != 4 or tuple(images.shape[1:]) != expected or len(images) < 2:
             raise ValueError(f"score() takes at least 2 images of shape (N, {', '.join(map(str, expected))}); "
                              f"got {tuple(images.shape)}")
+        if not torch.isfinite(images).all():  # a diverged generator: no distance to measure, and eigh would fail
+            names = ('fid', 'class_entropy') + (('class_acc',) if labels is not None else ())
+            return dict.fromkeys(names, math.nan)
         features, predicted = self._classify(images)
         scores = {'fid': frechet_distance(*gaussian(features), self.mu, self.cov),
                   'class_entropy': class_entropy(predicted.cpu())}

@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import common
+from mnist_classifier import MnistQuality
 
 data_dir = 'data'                     # holds MNIST/raw/ with the four IDX files
 results_dir = 'MNIST_DCGAN_results'   # grids, plots, weights, history and checkpoint go here
@@ -26,6 +27,10 @@ resume = True                         # continue from results_dir/checkpoint.pt 
 generate = 0                          # N > 0: only write a grid of N new samples from the trained G
 label_smoothing = 0.1                 # D's target for real images is 1 - this (one-sided); 0 = original
 ema_decay = 0.999                     # grids and saved G use an EMA of G's weights; 0 = original (raw G)
+quality_samples = 2000                # samples scored after each epoch (fid, class_entropy, class_acc); 0 = off
+collapse_factor = 4.0                 # an epoch whose fid is over this times the best is reported as a collapse
+stop_on_collapse = False              # on a collapse: True stops training, False goes on; the best G is kept
+generate_from = 'best'                # --generate samples from the 'best' generator by fid, or the 'last'
 
 MODEL = 'MNIST_DCGAN'
 
@@ -78,13 +83,14 @@ class Discriminator(nn.Module):
 @torch.no_grad()
 def sample(G, z):
     G.eval()
-    images = G(z)
+    images = torch.cat([G(chunk) for chunk in z.split(500)])
     G.train()
     return images
 
 
 def generate_samples(run_device):
-    G = common.load_weights(Generator(z_dim, d), f"{results_dir}/{MODEL}_generator.pt").to(run_device)
+    weights = common.generator_weights(results_dir, MODEL, generate_from)
+    G = common.load_weights(Generator(z_dim, d), weights).to(run_device)
     path = f"{results_dir}/{MODEL}_generated.png"
     common.save_grid(sample(G, noise(generate, run_device)), path, nrow=common.square_side(generate))
     print(f"wrote {path}: {generate} samples")
@@ -102,9 +108,12 @@ def train(config, run_device):
     run = common.Run(MODEL, config, models={'generator': G, 'discriminator': D, 'generator_average': G_avg},
                      optimizers={'generator': opt_G, 'discriminator': opt_D},
                      exports={'generator': G_avg.module, 'discriminator': D})
+    # Before start(), whose restored random state must not be drawn from by anything but training.
+    quality = MnistQuality(data_dir, img_size, run_device) if quality_samples else None
     common.save_grid(common.to_unit_range(images[:25]), run.path('raw_MNIST.png'), nrow=5)
-    first_epoch = run.start(lambda: {'z': noise(25, run_device)})
-    fixed_z = run.fixed['z'].to(run_device)
+    first_epoch = run.start(lambda: {'z': noise(25, run_device),
+                                     'quality_z': noise(quality_samples, run_device)})
+    fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
     common.set_learning_rate((opt_G, opt_D), lr)  # over a resumed optimizer's, so --lr applies
     loss = nn.BCEWithLogitsLoss()
     real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
@@ -134,9 +143,11 @@ def train(config, run_device):
                 sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
             common.synchronize(run_device)
             seconds = time.perf_counter() - start
-            grids = {run.fixed_grid_path(epoch): (sample(G_avg.module, fixed_z), 5),
+            grids = {run.fixed_grid_path(epoch): (sample(G_avg.module, fixed['z']), 5),
                      run.random_grid_path(epoch): (sample(G_avg.module, noise(25, run_device)), 5)}
-            run.end_epoch(epoch, sums / len(batches), seconds, batches.numel(), grids)
+            scores = quality and quality.score(sample(G_avg.module, fixed['quality_z']))
+            if run.end_epoch(epoch, sums / len(batches), seconds, batches.numel(), grids, scores):
+                break
     except KeyboardInterrupt:
         run.interrupted()
     run.finish()

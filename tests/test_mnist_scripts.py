@@ -22,7 +22,7 @@ SCRIPTS = [
     ('mnist_dcgan.py', 'MNIST_DCGAN', 64, 5, False, True),
     ('mnist_cdcgan.py', 'MNIST_cDCGAN', 32, 10, True, False),
 ]
-TINY = ['--train_limit=256', '--batch_size=32', '--device=cpu']
+TINY = ['--train_limit=256', '--batch_size=32', '--device=cpu', '--quality_samples=200']
 
 
 def tiny_args(script, mnist_dir, results_dir, epochs=2):
@@ -70,11 +70,18 @@ def test_every_output_is_written_and_readable(trained):
         assert plot.width > 100
     with Image.open(out / f'{model}_generation_animation.gif') as gif:
         assert gif.n_frames == 2
+    with Image.open(out / f'{model}_quality.png') as plot:
+        assert plot.width > 100
     hist = history(out, model)
     assert [e['epoch'] for e in hist['epochs']] == [1, 2]
+    measured = ['fid', 'class_entropy'] + (['class_acc'] if trained['conditional'] else [])
     for entry in hist['epochs']:
-        for key in ('loss_d', 'loss_g', 'd_real', 'd_fake', 'seconds', 'images_per_second'):
+        for key in ('loss_d', 'loss_g', 'd_real', 'd_fake', 'seconds', 'images_per_second', *measured):
             assert math.isfinite(entry[key])
+        assert 0 <= entry['class_entropy'] <= math.log(10) + 1e-6
+    assert ('class_acc' in hist['epochs'][0]) == trained['conditional']
+    best = min(hist['epochs'], key=lambda e: e['fid'])
+    assert f"best generator: epoch {best['epoch']}, fid {best['fid']:.2f}" in trained['stdout']
     assert hist['config']['train_epoch'] == 2 and hist['config']['d' if 'DC' in model else 'z_dim'] in (8, 100)
     assert hist['total_seconds'] == pytest.approx(sum(e['seconds'] for e in hist['epochs']))
 
@@ -83,12 +90,17 @@ def widths(trained):
     return {'d': 8} if 'DC' in trained['model'] else {}
 
 
-def load_generator(trained):
+def load_generator(trained, which='generator'):
     module = importlib.import_module(trained['script'][:-3])
     G = module.Generator(**widths(trained))
-    G.load_state_dict(torch.load(trained['out'] / f"{trained['model']}_generator.pt", weights_only=True))
+    G.load_state_dict(torch.load(trained['out'] / f"{trained['model']}_{which}.pt", weights_only=True))
     torch.load(trained['out'] / f"{trained['model']}_discriminator.pt", weights_only=True)
     return module, G.eval()
+
+
+def test_the_best_generator_is_kept_and_loads(trained):
+    _, best = load_generator(trained, 'generator_best')
+    assert best.z_dim == 100
 
 
 def test_generator_reloads_with_the_documented_calling_convention(trained):
@@ -117,7 +129,7 @@ def test_generate_writes_a_grid_of_new_samples(trained):
 def test_generate_rows_follow_the_requested_labels(trained):
     if not trained['conditional']:
         pytest.skip('unconditional model')
-    module, G = load_generator(trained)
+    module, G = load_generator(trained, 'generator_best')  # --generate's default, generate_from='best'
     # The script seeds, builds its generator (drawing initial weights), then draws the grid's inputs.
     torch.manual_seed(0)
     module.Generator(**widths(trained))
@@ -201,7 +213,8 @@ def test_resume_continues_with_the_same_fixed_noise_and_randomness(mnist_dir, tm
         assert gif.n_frames == 2
     # An uninterrupted 2-epoch run gives exactly the same losses: nothing was lost or redrawn.
     straight = tmp_path / 'straight'
-    assert run_script('mnist_cgan.py', *tiny_args('mnist_cgan.py', mnist_dir, straight, 2), cwd=tmp_path).returncode == 0
+    result = run_script('mnist_cgan.py', *tiny_args('mnist_cgan.py', mnist_dir, straight, 2), cwd=tmp_path)
+    assert result.returncode == 0
     resumed_losses = [(e['loss_d'], e['loss_g']) for e in history(out, 'MNIST_cGAN')['epochs']]
     assert resumed_losses == [(e['loss_d'], e['loss_g']) for e in history(straight, 'MNIST_cGAN')['epochs']]
 
@@ -209,10 +222,27 @@ def test_resume_continues_with_the_same_fixed_noise_and_randomness(mnist_dir, tm
     assert again.returncode == 0 and 'already trained 2 epochs' in again.stdout
 
 
+def test_a_forced_collapse_is_reported_and_the_best_generator_kept(mnist_dir, tmp_path):
+    out = tmp_path / 'collapsing'
+    args = tiny_args('mnist_cgan.py', mnist_dir, out, 2)
+    assert run_script('mnist_cgan.py', *args, cwd=tmp_path).returncode == 0
+    best_before = (out / 'MNIST_cGAN_generator_best.pt').read_bytes()
+    best_epoch = min(history(out, 'MNIST_cGAN')['epochs'], key=lambda e: e['fid'])['epoch']
+    # An absurd learning rate wrecks the generator in one epoch; its fid soars over its best.
+    collapse = ['--train_epoch=6', '--lr=0.5', '--collapse_factor=1.3', '--stop_on_collapse=true']
+    result = run_script('mnist_cgan.py', *args, *collapse, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'COLLAPSE at epoch 3: fid ' in result.stdout and 'stopping (stop_on_collapse)' in result.stdout
+    assert [e['epoch'] for e in history(out, 'MNIST_cGAN')['epochs']] == [1, 2, 3]
+    assert (out / 'MNIST_cGAN_generator_best.pt').read_bytes() == best_before
+    assert f'best generator: epoch {best_epoch}' in result.stdout
+
+
 def test_same_seed_same_losses_on_cpu(mnist_dir, tmp_path):
     runs = [tmp_path / 'a', tmp_path / 'b']
     for out in runs:
-        assert run_script('mnist_gan.py', *tiny_args('mnist_gan.py', mnist_dir, out, 2), cwd=tmp_path).returncode == 0
+        result = run_script('mnist_gan.py', *tiny_args('mnist_gan.py', mnist_dir, out, 2), cwd=tmp_path)
+        assert result.returncode == 0
     assert history(runs[0], 'MNIST_GAN')['epochs'][-1]['loss_g'] == history(runs[1], 'MNIST_GAN')['epochs'][-1]['loss_g']
 
 
