@@ -196,6 +196,15 @@ def shuffled_batches(n, batch_size, device):
     return order[:n // batch_size * batch_size].view(-1, batch_size)
 
 
+@torch.no_grad()
+def sample(G, *inputs, chunk=500):
+    """G's images for the inputs (z, and labels for conditional models) in eval mode, chunk by chunk."""
+    G.eval()
+    images = torch.cat([G(*part) for part in zip(*(x.split(chunk) for x in inputs))])
+    G.train()
+    return images
+
+
 def set_learning_rate(optimizers, lr):
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -283,15 +292,14 @@ def save_json(obj, path):
 
 def generator_weights(results_dir, model_name, generate_from):
     """The generator file --generate samples from: the best by fid, or the last epoch's."""
-    last = os.path.join(results_dir, f"{model_name}_generator.pt")
-    if generate_from == 'last':
-        return last
-    if generate_from != 'best':
+    if generate_from not in ('best', 'last'):
         fail(f"--generate_from={generate_from}: choose best or last", 2)
     best = os.path.join(results_dir, f"{model_name}_generator_best.pt")
-    if os.path.exists(best) or not os.path.exists(last):
+    if generate_from == 'best' and os.path.exists(best):
         return best
-    print(f"no {best} (quality was not measured); sampling from the last generator")
+    last = os.path.join(results_dir, f"{model_name}_generator.pt")
+    if generate_from == 'best' and os.path.exists(last):
+        print(f"no {best} (quality was not measured); sampling from the last generator")
     return last
 
 

@@ -89,14 +89,6 @@ def class_grid_inputs(columns, device):
     return z, labels
 
 
-@torch.no_grad()
-def sample(G, z, labels):
-    G.eval()
-    images = torch.cat([G(*chunk) for chunk in zip(z.split(500), labels.split(500))])
-    G.train()
-    return images
-
-
 def fixed_inputs(device):
     """The inputs of the per-epoch grid and of the quality measurement, kept for the whole run."""
     grid_z, grid_labels = class_grid_inputs(10, device)
@@ -113,7 +105,7 @@ def generate_samples(run_device):
     G = common.load_weights(Generator(z_dim, img_size), weights).to(run_device)
     z, labels = class_grid_inputs(generate, run_device)
     path = f"{results_dir}/{MODEL}_generated.png"
-    common.save_grid(sample(G, z, labels), path, nrow=generate)
+    common.save_grid(common.sample(G, z, labels), path, nrow=generate)
     print(f"wrote {path}: {generate} samples of each digit, one row per digit")
 
 
@@ -162,8 +154,8 @@ def train(config, run_device):
                 sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
             common.synchronize(run_device)
             seconds = time.perf_counter() - start
-            grids = {run.fixed_grid_path(epoch): (sample(G_avg.module, fixed['z'], fixed['labels']), 10)}
-            scores = quality and quality.score(sample(G_avg.module, fixed['quality_z'], fixed['quality_labels']),
+            grids = {run.fixed_grid_path(epoch): (common.sample(G_avg.module, fixed['z'], fixed['labels']), 10)}
+            scores = quality and quality.score(common.sample(G_avg.module, fixed['quality_z'], fixed['quality_labels']),
                                                fixed['quality_labels'])
             if run.end_epoch(epoch, sums / len(batches), seconds, batches.numel(), grids, scores):
                 break

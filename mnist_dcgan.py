@@ -80,19 +80,11 @@ class Discriminator(nn.Module):
         return self.net(x).view(-1)
 
 
-@torch.no_grad()
-def sample(G, z):
-    G.eval()
-    images = torch.cat([G(chunk) for chunk in z.split(500)])
-    G.train()
-    return images
-
-
 def generate_samples(run_device):
     weights = common.generator_weights(results_dir, MODEL, generate_from)
     G = common.load_weights(Generator(z_dim, d), weights).to(run_device)
     path = f"{results_dir}/{MODEL}_generated.png"
-    common.save_grid(sample(G, noise(generate, run_device)), path, nrow=common.square_side(generate))
+    common.save_grid(common.sample(G, noise(generate, run_device)), path, nrow=common.square_side(generate))
     print(f"wrote {path}: {generate} samples")
 
 
@@ -143,9 +135,9 @@ def train(config, run_device):
                 sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
             common.synchronize(run_device)
             seconds = time.perf_counter() - start
-            grids = {run.fixed_grid_path(epoch): (sample(G_avg.module, fixed['z']), 5),
-                     run.random_grid_path(epoch): (sample(G_avg.module, noise(25, run_device)), 5)}
-            scores = quality and quality.score(sample(G_avg.module, fixed['quality_z']))
+            grids = {run.fixed_grid_path(epoch): (common.sample(G_avg.module, fixed['z']), 5),
+                     run.random_grid_path(epoch): (common.sample(G_avg.module, noise(25, run_device)), 5)}
+            scores = quality and quality.score(common.sample(G_avg.module, fixed['quality_z']))
             if run.end_epoch(epoch, sums / len(batches), seconds, batches.numel(), grids, scores):
                 break
     except KeyboardInterrupt:

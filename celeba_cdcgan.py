@@ -1,0 +1,202 @@
+"""CelebA conditional DCGAN: convolutional G and D on 64x64 CelebA faces, conditioned on gender.
+
+Data:      python celeba_preprocess.py      (--isCrop=True for the tighter face crop)
+Train:     python celeba_cdcgan.py          (any constant below: --name=value, e.g. --isCrop=True)
+Sample:    python celeba_cdcgan.py --generate=8
+"""
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+from celeba_preprocess import output_folder
+
+isCrop = False                        # train on the tighter 108x108 face crop, with its own data and results folders
+data_dir = ''                         # holds female/ and male/ of 64x64 faces; '' = data/resized_celebA(_crop)
+results_dir = ''                      # grids, plots, weights, history, checkpoint; '' = CelebA_cDCGAN(_crop)_results
+train_epoch = 20                      # epochs to train (lr / 10 at the start of epochs 11 and 16)
+batch_size = 128                      # images per step
+lr = 0.0002                           # Adam learning rate of both networks
+beta1 = 0.5                           # Adam beta1
+z_dim = 100                           # length of the noise vector, drawn from N(0, 1)
+d = 128                               # width: G's layers have 8d, 4d, 2d, d channels, D's d/2, d, 2d, 4d, 8d
+img_size = 64                         # image side in pixels (the layers fix it at 64)
+train_limit = 0                       # 0: all 202,599 faces; N: N faces spread evenly over both genders
+device = 'auto'                       # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
+seed = 0                              # seed of every random draw
+resume = True                         # continue from results_dir/checkpoint.pt when it exists
+generate = 0                          # N > 0: only write N new samples per gender from the trained G
+label_smoothing = 0.1                 # D's target for real images is 1 - this (one-sided); 0 = original
+ema_decay = 0.999                     # grids and saved G use an EMA of G's weights; 0 = original (raw G)
+
+MODEL = 'CelebA_cDCGAN'
+N_CLASSES = 2  # 0 = female, 1 = male: the order of the female/ and male/ folders
+
+
+def model_name():
+    """The name in every output file: the crop variant is a model of its own."""
+    return MODEL + ('_crop' if isCrop else '')
+
+
+def noise(n, device):
+    return torch.randn(n, z_dim, device=device)
+
+
+def init_normal(module):
+    if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(module.weight, 0.0, 0.02)
+        nn.init.zeros_(module.bias)
+
+
+def up(c_in, c_out, stride=2, padding=1):
+    return [nn.ConvTranspose2d(c_in, c_out, 4, stride, padding), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)]
+
+
+def down(c_in, c_out, batch_norm=True):
+    return [nn.Conv2d(c_in, c_out, 4, 2, 1), *([nn.BatchNorm2d(c_out)] if batch_norm else []), nn.LeakyReLU(0.2)]
+
+
+class Generator(nn.Module):
+    def __init__(self, z_dim=z_dim, d=d):
+        super().__init__()
+        self.z_dim = z_dim
+        self.z_branch = nn.Sequential(*up(z_dim, 4 * d, stride=1, padding=0))          # 4x4
+        self.label_branch = nn.Sequential(*up(N_CLASSES, 4 * d, stride=1, padding=0))  # 4x4
+        self.body = nn.Sequential(
+            *up(8 * d, 4 * d), *up(4 * d, 2 * d), *up(2 * d, d),                       # 8, 16, 32
+            nn.ConvTranspose2d(d, 3, 4, 2, 1), nn.Tanh())                              # 64
+        self.apply(init_normal)
+
+    def forward(self, z, labels):
+        y = F.one_hot(labels, N_CLASSES).float().view(-1, N_CLASSES, 1, 1)
+        h = torch.cat([self.z_branch(z.view(-1, self.z_dim, 1, 1)), self.label_branch(y)], dim=1)
+        return self.body(h)
+
+
+class Discriminator(nn.Module):
+    def __init__(self, d=d):
+        super().__init__()
+        self.image_branch = nn.Sequential(*down(3, d // 2, batch_norm=False))          # 32x32
+        self.label_branch = nn.Sequential(*down(N_CLASSES, d // 2, batch_norm=False))  # 32x32
+        self.body = nn.Sequential(
+            *down(d, 2 * d), *down(2 * d, 4 * d), *down(4 * d, 8 * d),                 # 16, 8, 4
+            nn.Conv2d(8 * d, 1, 4, 1, 0))                                              # 1
+        self.apply(init_normal)
+
+    def forward(self, x, labels):
+        # The label enters as constant planes: plane y is ones, the other zeros.
+        planes = F.one_hot(labels, N_CLASSES).float()[:, :, None, None].expand(-1, -1, *x.shape[2:])
+        h = torch.cat([self.image_branch(x), self.label_branch(planes)], dim=1)
+        return self.body(h).view(-1)
+
+
+def gender_rows(z_rows):
+    """Each row of noise twice, a female row then a male one: (rows, columns, z_dim) -> z and labels, row by row."""
+    rows, columns, _ = z_rows.shape
+    z = z_rows.repeat_interleave(N_CLASSES, dim=0).reshape(-1, z_dim)
+    labels = torch.arange(N_CLASSES, device=z_rows.device).repeat(rows).repeat_interleave(columns)
+    return z, labels
+
+
+def interpolations(rows, steps, device):
+    """rows of `steps` noise vectors, each row a straight line between two random ones."""
+    first, last = noise(rows, device)[:, None], noise(rows, device)[:, None]
+    return torch.lerp(first, last, torch.linspace(0, 1, steps, device=device)[None, :, None])
+
+
+def fixed_inputs(device):
+    """The 4x4 grid's (rows 1-2 share 4 noise vectors, rows 3-4 another 4) and the 10x10 morphing image's."""
+    z, labels = gender_rows(noise(8, device).view(2, 4, z_dim))
+    morph_z, morph_labels = gender_rows(interpolations(5, 10, device))
+    return {'z': z, 'labels': labels, 'morph_z': morph_z, 'morph_labels': morph_labels}
+
+
+def real_examples(images, labels):
+    """16 real faces from across the set, laid out as the fixed grid: female and male rows in turn."""
+    rows = []
+    for c in range(N_CLASSES):
+        where = torch.nonzero(labels == c).flatten()
+        rows.append(where[common.evenly_spaced(len(where), 8)].view(2, 4))  # two rows of 4 per gender
+    return images[torch.stack(rows, dim=1).flatten()]  # interleaved: female, male, female, male
+
+
+def learning_rate(epoch):
+    return lr / 10 ** sum(epoch >= drop for drop in (11, 16))
+
+
+def generate_samples(run_device):
+    G = common.load_weights(Generator(z_dim, d), f"{results_dir}/{model_name()}_generator.pt").to(run_device)
+    z, labels = gender_rows(noise(generate, run_device).view(1, generate, z_dim))
+    path = f"{results_dir}/{model_name()}_generated.png"
+    common.save_grid(common.sample(G, z, labels), path, nrow=generate)
+    print(f"wrote {path}: {generate} samples of each gender, a female row and a male row with the same noise")
+
+
+def train(config, run_device):
+    if img_size != 64:
+        common.fail(f"img_size={img_size}: this cDCGAN's layers make 64x64 images; drop --img_size")
+    images, labels = common.load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, run_device)
+
+    G, D = Generator(z_dim, d).to(run_device), Discriminator(d).to(run_device)
+    G_avg = common.averaged(G, ema_decay)
+    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999))
+    run = common.Run(model_name(), config, models={'generator': G, 'discriminator': D, 'generator_average': G_avg},
+                     optimizers={'generator': opt_G, 'discriminator': opt_D},
+                     exports={'generator': G_avg.module, 'discriminator': D})
+    common.save_grid(common.to_unit_range(real_examples(images, labels)), run.path('raw_CelebA.png'), nrow=4)
+    first_epoch = run.start(lambda: fixed_inputs(run_device))
+    fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
+    loss = nn.BCEWithLogitsLoss()
+    real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
+    ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
+
+    try:
+        for epoch in range(first_epoch, train_epoch + 1):
+            common.set_learning_rate((opt_G, opt_D), learning_rate(epoch))
+            sums = torch.zeros(4, device=run_device)  # loss_d, loss_g, D(x), D(G(z)): read once per epoch
+            batches = common.shuffled_batches(len(images), batch_size, images.device)
+            start = time.perf_counter()
+            for index in common.progress(batches, f"epoch {epoch}"):
+                x, y = common.to_unit_range(images[index].to(run_device)), labels[index].to(run_device)
+                fake_labels = torch.randint(0, N_CLASSES, (batch_size,), device=run_device)
+                fake = G(noise(batch_size, run_device), fake_labels)
+                d_real = D(x, y)
+                d_fake = D(fake.detach(), fake_labels)
+                loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
+                opt_D.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_D.step()
+
+                loss_g = loss(D(fake, fake_labels), ones)
+                opt_G.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_G.step()
+                G_avg.update_parameters(G)
+
+                sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
+            common.synchronize(run_device)
+            seconds = time.perf_counter() - start
+            grids = {run.fixed_grid_path(epoch): (common.sample(G_avg.module, fixed['z'], fixed['labels']), 4)}
+            run.end_epoch(epoch, sums / len(batches), seconds, batches.numel(), grids)
+    except KeyboardInterrupt:
+        run.interrupted()
+    # Written after the last epoch, and again by a rerun of a finished run, like the plot and the GIF.
+    common.save_grid(common.sample(G_avg.module, fixed['morph_z'], fixed['morph_labels']),
+                     run.path(f"{run.name}_morp.png"), nrow=10)
+    run.finish()
+
+
+if __name__ == '__main__':
+    config = common.configure(globals())
+    data_dir = data_dir or output_folder(isCrop)
+    results_dir = results_dir or f"{model_name()}_results"
+    config.update(data_dir=data_dir, results_dir=results_dir)  # Run and the JSON history record the folders used
+    run_device = common.pick_device(device)
+    torch.manual_seed(seed)
+    if generate:
+        generate_samples(run_device)
+    else:
+        train(config, run_device)

@@ -1,0 +1,247 @@
+"""celeba_dcgan.py and celeba_cdcgan.py end to end at tiny scale, on folders of 64x64 JPEG faces written here."""
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import common
+from conftest import REPO, run_script
+
+# script, model name, fixed grid columns, conditional
+SCRIPTS = [('celeba_dcgan.py', 'CelebA_DCGAN', 5, False), ('celeba_cdcgan.py', 'CelebA_cDCGAN', 4, True)]
+TINY = ['--d=8', '--batch_size=8', '--device=cpu']
+FACES = {'female': 24, 'male': 16}       # data/resized_celebA
+CROP_FACES = {'female': 12, 'male': 12}  # data/resized_celebA_crop
+COLOUR = {'female': 0, 'male': 2}        # female faces are mostly red, male ones mostly blue
+
+
+def write_faces(folder, counts, size=64, seed=0):
+    """counts[class] JPEGs in folder/class/, named as celeba_preprocess.py names them: smooth random
+    colour blotches over a strong red (female) or blue (male) channel, so a grid shows the gender."""
+    generator = torch.Generator().manual_seed(seed)
+    for cls, count in counts.items():
+        os.makedirs(os.path.join(folder, cls), exist_ok=True)
+        for i in range(count):
+            small = torch.rand(3, 8, 8, generator=generator) * 100
+            small[COLOUR[cls]] += 150
+            face = torch.nn.functional.interpolate(small[None], size=size, mode='bilinear')[0]
+            pixels = face.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            Image.fromarray(pixels).save(os.path.join(folder, cls, f'{seed * 1000 + i:06d}.jpg'), quality=95)
+
+
+def grid_side(columns, side=64):
+    return columns * (side + 2) + 2  # make_grid's 2-pixel padding around every image
+
+
+def history(results_dir, model):
+    return json.loads((results_dir / f'{model}_train_hist.json').read_text())
+
+
+@pytest.fixture(scope='module')
+def work(tmp_path_factory):
+    """A working folder with both preprocessed variants where the scripts look by default."""
+    work = tmp_path_factory.mktemp('celeba')
+    write_faces(work / 'data' / 'resized_celebA', FACES)
+    write_faces(work / 'data' / 'resized_celebA_crop', CROP_FACES, seed=1)
+    return work
+
+
+@pytest.fixture(scope='module', params=SCRIPTS, ids=[s[0] for s in SCRIPTS])
+def trained(request, work):
+    """Each script trained 2 tiny epochs with the default folders; shared by the output checks below."""
+    script, model, columns, conditional = request.param
+    result = run_script(script, '--train_epoch=2', *TINY, cwd=work)
+    assert result.returncode == 0, result.stderr
+    return dict(script=script, model=model, columns=columns, conditional=conditional,
+                out=work / f'{model}_results', stdout=result.stdout, work=work)
+
+
+def test_prints_the_seed_epoch_lines_and_total(trained):
+    lines = [line for line in trained['stdout'].splitlines() if not line.startswith('decoding')]
+    assert lines[0].startswith('[1/2] - ptime: ') and 'loss_d: ' in lines[0] and 'img/s' in lines[0]
+    assert lines[1].startswith('[2/2] - ptime: ')
+    assert any(line.startswith('Avg one epoch ptime: ') and 'total 2 epochs ptime: ' in line for line in lines)
+
+
+def test_every_output_is_written_and_readable(trained):
+    out, model, columns = trained['out'], trained['model'], trained['columns']
+    for epoch in (1, 2):
+        with Image.open(out / 'Fixed_results' / f'{model}_{epoch}.png') as grid:
+            # the caption strip "Epoch N" sits below the square grid
+            assert grid.width == grid_side(columns) and grid.height > grid.width
+    with Image.open(out / 'raw_CelebA.png') as raw:
+        assert raw.size == (grid_side(columns), grid_side(columns))
+    with Image.open(out / f'{model}_train_hist.png') as plot:
+        assert plot.width > 100
+    with Image.open(out / f'{model}_generation_animation.gif') as gif:
+        assert gif.n_frames == 2
+    hist = history(out, model)
+    assert [e['epoch'] for e in hist['epochs']] == [1, 2]
+    for entry in hist['epochs']:
+        for key in ('loss_d', 'loss_g', 'd_real', 'd_fake', 'seconds', 'images_per_second'):
+            assert math.isfinite(entry[key])
+    # The '' defaults are recorded as the folders actually used.
+    assert hist['config']['data_dir'] == 'data/resized_celebA'
+    assert hist['config']['results_dir'] == f'{model}_results' and hist['config']['isCrop'] is False
+    assert (out / f'{model}_morp.png').exists() == trained['conditional']
+
+
+def test_the_morphing_image_is_10_by_10_faces(trained):
+    if not trained['conditional']:
+        pytest.skip('only the cDCGAN morphs')
+    with Image.open(trained['out'] / f"{trained['model']}_morp.png") as morph:
+        assert morph.size == (grid_side(10), grid_side(10))
+
+
+def test_the_cdcgan_real_grid_alternates_female_and_male_rows(trained):
+    if not trained['conditional']:
+        pytest.skip('the DCGAN grid is not laid out by gender')
+    with Image.open(trained['out'] / 'raw_CelebA.png') as raw:
+        pixels = np.asarray(raw.convert('RGB')).astype(float)
+    for row in range(4):
+        red, _, blue = pixels[2 + 66 * row: 66 * (row + 1)].mean(axis=(0, 1))
+        assert (red > blue) == (row % 2 == 0)  # rows 1 and 3 female (red), 2 and 4 male (blue)
+
+
+def load_trained(trained, name):
+    module = importlib.import_module(trained['script'][:-3])
+    model = (module.Generator if name == 'generator' else module.Discriminator)(d=8)
+    model.load_state_dict(torch.load(trained['out'] / f"{trained['model']}_{name}.pt", weights_only=True))
+    return module, model.eval()
+
+
+def test_weights_reload_with_the_documented_calling_convention(trained):
+    module, G = load_trained(trained, 'generator')
+    _, D = load_trained(trained, 'discriminator')
+    z = module.noise(6, torch.device('cpu'))
+    assert z.shape == (6, 100) and z.dtype == torch.float32
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    conditions = (labels,) if trained['conditional'] else ()
+    with torch.no_grad():
+        images = G(z, *conditions)
+        logits = D(images, *conditions)
+    assert images.shape == (6, 3, 64, 64) and images.min() >= -1 and images.max() <= 1
+    assert logits.shape == (6,)
+
+
+def test_generate_writes_a_grid_of_new_samples(trained):
+    result = run_script(trained['script'], '--generate=3', '--d=8', '--device=cpu', cwd=trained['work'])
+    assert result.returncode == 0, result.stderr
+    with Image.open(trained['out'] / f"{trained['model']}_generated.png") as picture:
+        # one row per gender of 3, or 3 in the squarest grid
+        assert picture.size == ((grid_side(3), grid_side(2)) if trained['conditional'] else (grid_side(2),) * 2)
+
+
+@pytest.mark.parametrize('script, model', [s[:2] for s in SCRIPTS])
+def test_the_crop_variant_has_its_own_folders(work, script, model):
+    result = run_script(script, '--isCrop=True', '--train_epoch=1', *TINY, cwd=work)
+    assert result.returncode == 0, result.stderr
+    out = work / f'{model}_crop_results'
+    assert (out / 'Fixed_results' / f'{model}_crop_1.png').exists()
+    assert history(out, f'{model}_crop')['config']['data_dir'] == 'data/resized_celebA_crop'
+    assert os.path.getsize(work / 'data' / 'resized_celebA_crop.u8') == sum(CROP_FACES.values()) * 3 * 64 * 64
+
+
+def test_resume_continues_and_a_finished_run_rebuilds_the_morphing_image(tmp_path):
+    write_faces(tmp_path / 'faces', FACES)
+    args = ['--data_dir=faces', '--results_dir=out', *TINY]
+    assert run_script('celeba_cdcgan.py', *args, '--train_epoch=1', cwd=tmp_path).returncode == 0
+    result = run_script('celeba_cdcgan.py', *args, '--train_epoch=2', cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'resuming after epoch 1' in result.stdout and result.stdout.count('] - ptime') == 1
+    assert 'decoding' not in result.stdout  # the cache of the first run was reused
+    with Image.open(tmp_path / 'out' / 'CelebA_cDCGAN_generation_animation.gif') as gif:
+        assert gif.n_frames == 2
+    morph = tmp_path / 'out' / 'CelebA_cDCGAN_morp.png'
+    first = morph.read_bytes()
+    morph.unlink()
+    again = run_script('celeba_cdcgan.py', *args, '--train_epoch=2', cwd=tmp_path)
+    assert again.returncode == 0 and 'already trained 2 epochs' in again.stdout
+    assert morph.read_bytes() == first  # the same fixed noise through the same final G
+
+
+@pytest.mark.parametrize('script, args, command', [
+    ('celeba_dcgan.py', [], 'python celeba_preprocess.py'),
+    ('celeba_cdcgan.py', ['--isCrop=True', '--data_dir=my faces'],
+     "python celeba_preprocess.py --isCrop=True '--output_dir=my faces'"),
+])
+def test_missing_faces_get_one_line_with_the_preprocess_command(tmp_path, script, args, command):
+    result = run_script(script, *args, cwd=tmp_path)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1
+    assert result.stderr.rstrip().endswith(f'make it with: {command}')
+
+
+def test_faces_of_another_size_get_one_line(tmp_path):
+    write_faces(tmp_path / 'data' / 'resized_celebA', {'female': 2, 'male': 2}, size=32)
+    result = run_script('celeba_dcgan.py', cwd=tmp_path)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr and result.stderr.count('\n') == 1
+    assert 'is 32x32, not 64x64; delete data/resized_celebA/ and make it again with: ' \
+           'python celeba_preprocess.py' in result.stderr
+    assert not (tmp_path / 'data' / 'resized_celebA.u8').exists()
+
+
+def test_the_cache_holds_imagefolder_order_and_pixels(tmp_path):
+    from torchvision.datasets import ImageFolder
+    from torchvision.transforms.functional import pil_to_tensor
+    write_faces(tmp_path / 'faces', {'female': 5, 'male': 3})
+    images, labels, classes = common.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
+    reference = ImageFolder(str(tmp_path / 'faces'))
+    assert classes == reference.classes == ['female', 'male'] and images.shape == (8, 3, 64, 64)
+    assert labels.tolist() == reference.targets == [0] * 5 + [1] * 3
+    for i, (picture, _) in enumerate(reference):
+        assert torch.equal(images[i], pil_to_tensor(picture))
+
+
+def test_the_cache_is_built_once_and_rebuilt_when_the_folder_changes(tmp_path, capsys):
+    folder = str(tmp_path / 'faces')
+    write_faces(folder, {'female': 4, 'male': 4})
+    cache = tmp_path / 'faces.u8'
+    common.image_folder_tensor(folder, 64, 'cmd')
+    assert 'decoding the 8 images' in capsys.readouterr().out
+    built = cache.stat().st_mtime_ns
+
+    images, _, _ = common.image_folder_tensor(folder, 64, 'cmd')
+    assert capsys.readouterr().out == '' and cache.stat().st_mtime_ns == built and len(images) == 8
+
+    write_faces(folder, {'male': 1}, seed=7)  # one more face
+    images, labels, _ = common.image_folder_tensor(folder, 64, 'cmd')
+    assert 'decoding the 9 images' in capsys.readouterr().out
+    assert len(images) == 9 and labels.tolist() == [0] * 4 + [1] * 5
+
+
+def test_train_limit_keeps_both_genders(tmp_path):
+    write_faces(tmp_path / 'faces', {'female': 30, 'male': 10})
+    images, labels = common.load_celeba(str(tmp_path / 'faces'), False, 64, 8, 4, torch.device('cpu'))
+    assert images.shape == (8, 3, 64, 64) and 0 < labels.sum() < 8
+
+
+def test_cdcgan_fixed_inputs_follow_the_gender_layouts():
+    import celeba_cdcgan
+    fixed = celeba_cdcgan.fixed_inputs(torch.device('cpu'))
+    z, labels = fixed['z'].view(4, 4, -1), fixed['labels'].view(4, 4)
+    assert labels.tolist() == [[0] * 4, [1] * 4] * 2  # rows 1 and 3 female, 2 and 4 male
+    assert torch.equal(z[0], z[1]) and torch.equal(z[2], z[3]) and not torch.equal(z[0], z[2])
+    z, labels = fixed['morph_z'].view(10, 10, -1), fixed['morph_labels'].view(10, 10)
+    assert labels.tolist() == [[0] * 10, [1] * 10] * 5
+    for pair in range(5):
+        row = z[2 * pair]
+        assert torch.equal(row, z[2 * pair + 1])  # the male row has the female row's noise
+        steps = row[1:] - row[:-1]  # a straight line in equal steps
+        assert torch.allclose(steps, steps[0].expand_as(steps), atol=1e-5)
+
+
+def test_importing_has_no_side_effects(tmp_path):
+    code = "import sys; sys.argv = ['x', '--bogus=1']; import celeba_dcgan, celeba_cdcgan; print('imported')"
+    result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                            env={'PYTHONPATH': str(REPO), 'PATH': '/usr/bin:/bin'}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == 'imported\n'
+    assert list(tmp_path.iterdir()) == []
