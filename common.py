@@ -165,10 +165,15 @@ def load_training_set(data_dir, img_size, train_limit, batch_size, device):
     images, labels = load_mnist(data_dir, train=True)
     if train_limit:
         images, labels = images[:train_limit], labels[:train_limit]
-    if len(images) < batch_size:
-        fail(f"{len(images)} training images is less than one batch of {batch_size}; "
-             f"raise --train_limit or lower --batch_size")
+    require_a_batch(len(images), batch_size)
     return resize_images(images, img_size).to(device), labels.to(device)
+
+
+def require_a_batch(n_images, batch_size):
+    """Training uses full batches only, so it needs at least one."""
+    if n_images < batch_size:
+        fail(f"{n_images} training images is less than one batch of {batch_size}; "
+             f"raise --train_limit or lower --batch_size")
 
 
 def resize_images(images, size):
@@ -597,9 +602,7 @@ def load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, device):
     if train_limit:
         keep = evenly_spaced(len(images), min(train_limit, len(images)))
         images, labels = images[keep], labels[keep]
-    if len(images) < batch_size:
-        fail(f"{len(images)} training images is less than one batch of {batch_size}; "
-             f"raise --train_limit or lower --batch_size")
+    require_a_batch(len(images), batch_size)
     if device.type == 'cuda' and images.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
         images, labels = images.to(device), labels.to(device)
     return images, labels
