@@ -8,7 +8,6 @@ import math
 import os
 import struct
 import sys
-import time
 import tokenize
 
 import torch
@@ -35,12 +34,10 @@ def constant_help(source_path):
     """Map each `name = value  # comment` line of a script to its comment, for --help."""
     help_of = {}
     with tokenize.open(source_path) as f:
-        tokens = list(tokenize.generate_tokens(f.readline))
-    for i, tok in enumerate(tokens):
-        if tok.type == tokenize.COMMENT and tok.start[1] > 0:
-            line = tok.line
-            if line[:1].isalpha() and '=' in line:
-                help_of[line.split('=', 1)[0].strip()] = tok.string.lstrip('# ').strip()
+        for token in tokenize.generate_tokens(f.readline):
+            line = token.line
+            if token.type == tokenize.COMMENT and line[:1].isalpha() and '=' in line:
+                help_of[line.split('=', 1)[0].strip()] = token.string.lstrip('# ').strip()
     return help_of
 
 
