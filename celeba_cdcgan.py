@@ -28,7 +28,7 @@ device = 'auto'                       # auto (cuda, else mps, else cpu), cpu, cu
 seed = 0                              # seed of every random draw
 resume = True                         # continue from results_dir/checkpoint.pt when it exists
 generate = 0                          # N > 0: only write N new samples per gender from the trained G
-label_smoothing = 0.1                 # D's target for real images is 1 - this (one-sided); 0 = original
+label_smoothing = 0.0                 # D's target for real images is 1 - this (one-sided); 0 = original
 ema_decay = 0.999                     # grids and saved G use an EMA of G's weights; 0 = original (raw G)
 
 MODEL = 'CelebA_cDCGAN'

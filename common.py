@@ -337,7 +337,7 @@ def averaged(model, decay):
     return AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
 
 
-COLLAPSED_LOSS_D = 0.05  # a discriminator this sure of itself for a whole epoch gives G no gradient
+COLLAPSED_LOSS_D = 0.05  # a discriminator this near its least loss for a whole epoch gives G no gradient
 
 
 class Run:
@@ -453,8 +453,12 @@ class Run:
         if 'fid' in stats and stats['fid'] > self.config['collapse_factor'] * best['fid']:
             signs.append(f"fid {stats['fid']:.1f} is over {self.config['collapse_factor']:g} times "
                          f"the best, {best['fid']:.1f} at epoch {best['epoch']}")
-        if stats['loss_d'] < COLLAPSED_LOSS_D:
-            signs.append(f"the discriminator's loss averaged {stats['loss_d']:.3f} over the epoch")
+        # With a smoothed real target of 1 - s, D's loss cannot go below the entropy of that target.
+        target = 1 - self.config.get('label_smoothing', 0.0)
+        floor = -sum(p * math.log(p) for p in (target, 1 - target) if p > 0)
+        if stats['loss_d'] - floor < COLLAPSED_LOSS_D:
+            signs.append(f"the discriminator's loss averaged {stats['loss_d']:.3f} over the epoch, "
+                         f"{stats['loss_d'] - floor:.3f} above its floor")
         if signs:
             going = "stopping (stop_on_collapse)" if self.config.get('stop_on_collapse') else "going on"
             kept = f" The best generator stays in {self.best_generator_path()}" if best else ""

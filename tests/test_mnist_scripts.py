@@ -319,3 +319,13 @@ def test_missing_mnist_without_network_names_the_folder_and_files(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith('error: MNIST is missing from nowhere/MNIST/raw/')
     assert 'train-images-idx3-ubyte' in last and 't10k-labels-idx1-ubyte' in last
+
+
+@pytest.mark.parametrize('smoothing, loss_d, collapsed', [(0.0, 0.03, True), (0.0, 0.34, False),
+                                                         (0.1, 0.34, True), (0.1, 0.45, False)])
+def test_a_discriminator_at_its_least_loss_is_a_collapse(tmp_path, capsys, smoothing, loss_d, collapsed):
+    # With real targets of 0.9, D's loss cannot go below 0.325: a D that wins outright sits there, not at 0.
+    config = {'results_dir': str(tmp_path), 'train_epoch': 5, 'label_smoothing': smoothing, 'collapse_factor': 4.0}
+    run = common.Run('M', config, models={}, optimizers={}, exports={})
+    assert run._collapsed({'epoch': 3, 'loss_d': loss_d}) == collapsed
+    assert ('COLLAPSE at epoch 3' in capsys.readouterr().out) == collapsed
