@@ -442,7 +442,8 @@ class Run:
         return self.path(f"{self.name}_generator_best.pt")
 
     def _keep_if_best(self, epoch):
-        if self.best() is not None and self.best()['epoch'] == epoch:
+        best = self.best()
+        if best is not None and best['epoch'] == epoch:
             generator = self.exports['generator']
             atomic_write(self.best_generator_path(), lambda t: torch.save(generator.state_dict(), t))
 
