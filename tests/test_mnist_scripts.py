@@ -247,6 +247,19 @@ def test_same_seed_same_losses_on_cpu(mnist_dir, tmp_path):
     assert [e['loss_g'] for e in first] == [e['loss_g'] for e in second]
 
 
+@pytest.mark.parametrize('script, model', [('mnist_cgan.py', 'MNIST_cGAN'), ('mnist_dcgan.py', 'MNIST_DCGAN')])
+def test_the_ema_changes_what_is_sampled_and_not_the_training(mnist_dir, tmp_path, script, model):
+    """The README's original-recipe columns rest on this: --ema_decay=0 trains to the very same losses."""
+    runs = {'ema': [], 'original': ['--ema_decay=0']}
+    for name, extra in runs.items():
+        result = run_script(script, *tiny_args(script, mnist_dir, tmp_path / name, 2), *extra, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    ema, original = (history(tmp_path / name, model)['epochs'] for name in runs)
+    training = ('loss_d', 'loss_g', 'd_real', 'd_fake')
+    assert [[e[k] for k in training] for e in ema] == [[e[k] for k in training] for e in original]
+    assert [e['fid'] for e in ema] != [e['fid'] for e in original]
+
+
 def start_script(script, args, cwd):
     env_script = [sys.executable, str(REPO / script), *args]
     from conftest import OFFLINE
