@@ -254,17 +254,18 @@ def save_animation(frame_paths, gif_path, seconds_per_frame=0.5):
 
 
 def plot_curves(history, panels, path):
-    """Per-epoch curves side by side: panels is [(y label, [history keys]), ...]."""
+    """Per-epoch curves side by side: panels is [(y label, [history keys], y scale), ...]."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     epochs = [h['epoch'] for h in history]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-    for ax, (ylabel, keys) in zip(axes[0], panels):
+    for ax, (ylabel, keys, yscale) in zip(axes[0], panels):
         for key in keys:
             ax.plot(epochs, [h[key] for h in history], marker='.', label=key)
         ax.set_xlabel('epoch')
         ax.set_ylabel(ylabel)
+        ax.set_yscale(yscale)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -481,11 +482,12 @@ class Run:
         """Loss plot, animation and the closing timing line, from the whole history."""
         if not self.history:
             return
-        plot_curves(self.history, [('loss', ['loss_d', 'loss_g'])], self.path(f"{self.name}_train_hist.png"))
+        plot_curves(self.history, [('loss', ['loss_d', 'loss_g'], 'linear')], self.path(f"{self.name}_train_hist.png"))
         best = self.best()
         if best is not None:
             shares = [key for key in ('class_acc', 'class_entropy') if key in best]
-            plot_curves(self.history, [('fid (lower is better)', ['fid']), ('share or nats', shares)],
+            # fid falls from ~1000 to single digits: only a log scale shows the late epochs.
+            plot_curves(self.history, [('fid (lower is better)', ['fid'], 'log'), ('share or nats', shares, 'linear')],
                         self.path(f"{self.name}_quality.png"))
         frames = [self.fixed_grid_path(h['epoch']) for h in self.history]
         save_animation([p for p in frames if os.path.exists(p)], self.path(f"{self.name}_generation_animation.gif"))
