@@ -458,9 +458,10 @@ class Run:
         # With a smoothed real target of 1 - s, D's loss cannot go below the entropy of that target.
         target = 1 - self.config.get('label_smoothing', 0.0)
         floor = -sum(p * math.log(p) for p in (target, 1 - target) if p > 0)
+        won_outright = lambda loss_d: loss_d - floor < COLLAPSED_LOSS_D
         # Only a fall counts: D often wins the first epoch outright and G still learns (non-saturating loss).
-        contested_before = any(h['loss_d'] - floor >= COLLAPSED_LOSS_D for h in self.history[:-1])
-        if contested_before and stats['loss_d'] - floor < COLLAPSED_LOSS_D:
+        contested_before = not all(won_outright(h['loss_d']) for h in self.history[:-1])
+        if contested_before and won_outright(stats['loss_d']):
             signs.append(f"the discriminator's loss averaged {stats['loss_d']:.3f} over the epoch, "
                          f"{stats['loss_d'] - floor:.3f} above its floor")
         if signs:

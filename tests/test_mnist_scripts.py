@@ -334,13 +334,19 @@ def test_missing_mnist_without_network_names_the_folder_and_files(tmp_path):
     assert 'train-images-idx3-ubyte' in last and 't10k-labels-idx1-ubyte' in last
 
 
+def run_with_losses(tmp_path, smoothing, losses_d):
+    """A Run whose history holds epochs with these mean D losses, the last one just finished."""
+    config = {'results_dir': str(tmp_path), 'train_epoch': 5, 'label_smoothing': smoothing, 'collapse_factor': 4.0}
+    run = common.Run('M', config, models={}, optimizers={}, exports={})
+    run.history = [{'epoch': epoch, 'loss_d': loss_d} for epoch, loss_d in enumerate(losses_d, 1)]
+    return run
+
+
 @pytest.mark.parametrize('smoothing, loss_d, collapsed', [(0.0, 0.03, True), (0.0, 0.34, False),
                                                          (0.1, 0.34, True), (0.1, 0.45, False)])
 def test_a_discriminator_at_its_least_loss_is_a_collapse(tmp_path, capsys, smoothing, loss_d, collapsed):
     # With real targets of 0.9, D's loss cannot go below 0.325: a D that wins outright sits there, not at 0.
-    config = {'results_dir': str(tmp_path), 'train_epoch': 5, 'label_smoothing': smoothing, 'collapse_factor': 4.0}
-    run = common.Run('M', config, models={}, optimizers={}, exports={})
-    run.history = [{'epoch': 1, 'loss_d': 0.9}, {'epoch': 2, 'loss_d': 0.8}, {'epoch': 3, 'loss_d': loss_d}]
+    run = run_with_losses(tmp_path, smoothing, [0.9, 0.8, loss_d])
     assert run._collapsed(run.history[-1]) == collapsed
     assert ('COLLAPSE at epoch 3' in capsys.readouterr().out) == collapsed
 
@@ -348,8 +354,6 @@ def test_a_discriminator_at_its_least_loss_is_a_collapse(tmp_path, capsys, smoot
 @pytest.mark.parametrize('first_epochs', [[0.027], [0.027, 0.01]])
 def test_a_discriminator_winning_from_the_start_is_not_a_collapse(tmp_path, capsys, first_epochs):
     # Measured here: the MNIST DCGAN at d = 16 began with loss_d 0.027 over epoch 1 and then learned normally.
-    config = {'results_dir': str(tmp_path), 'train_epoch': 5, 'label_smoothing': 0.0, 'collapse_factor': 4.0}
-    run = common.Run('M', config, models={}, optimizers={}, exports={})
-    run.history = [{'epoch': epoch, 'loss_d': loss_d} for epoch, loss_d in enumerate(first_epochs, 1)]
+    run = run_with_losses(tmp_path, 0.0, first_epochs)
     assert not run._collapsed(run.history[-1])
     assert 'COLLAPSE' not in capsys.readouterr().out
