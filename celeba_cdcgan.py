@@ -11,7 +11,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import common
-from celeba_preprocess import output_folder
 
 isCrop = False                        # train on the tighter 108x108 face crop, with its own data and results folders
 data_dir = ''                         # holds female/ and male/ of 64x64 faces; '' = data/resized_celebA(_crop)
@@ -30,6 +29,11 @@ resume = True                         # continue from results_dir/checkpoint.pt 
 generate = 0                          # N > 0: only write N new samples per gender from the trained G
 label_smoothing = 0.0                 # D's target for real images is 1 - this (one-sided); 0 = original
 ema_decay = 0.999                     # grids and saved G use an EMA of G's weights; 0 = original (raw G)
+stop_on_collapse = False              # when D wins outright: True stops training, False goes on
+generate_from = 'last'                # --generate samples from the 'last' generator (no fid to pick a best)
+precision = 'auto'                    # auto (bf16 where this CPU or GPU runs it fast, else fp32), bf16, fp16, fp32
+channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
+compile = False                       # torch.compile G and D (a minute's start; not faster on the CPUs measured)
 
 MODEL = 'CelebA_cDCGAN'
 N_CLASSES = 2  # 0 = female, 1 = male: the order of the female/ and male/ folders
@@ -127,76 +131,89 @@ def learning_rate(epoch):
 
 
 def generate_samples(run_device):
-    G = common.load_weights(Generator(z_dim, d), f"{results_dir}/{model_name()}_generator.pt").to(run_device)
+    weights = common.generator_weights(results_dir, model_name(), generate_from)
+    G = common.load_weights(Generator(z_dim, d), weights).to(run_device)
     z, labels = gender_rows(noise(generate, run_device).view(1, generate, z_dim))
     path = f"{results_dir}/{model_name()}_generated.png"
     common.save_grid(common.sample(G, z, labels), path, nrow=generate)
     print(f"wrote {path}: {generate} samples of each gender, a female row and a male row with the same noise")
 
 
-def train(config, run_device):
+def train(run_device):
+    ctx, scaler = common.mixed_precision(precision, run_device)
+    fmt = common.memory_format(channels_last)
     if img_size != 64:
         common.fail(f"img_size={img_size}: this cDCGAN's layers make 64x64 images; drop --img_size")
     images, labels = common.load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, run_device)
 
-    G, D = Generator(z_dim, d).to(run_device), Discriminator(d).to(run_device)
-    G_avg = common.averaged(G, ema_decay)
-    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999))
-    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999))
-    run = common.Run(model_name(), config, models={'generator': G, 'discriminator': D, 'generator_average': G_avg},
-                     optimizers={'generator': opt_G, 'discriminator': opt_D},
-                     exports={'generator': G_avg.module, 'discriminator': D})
+    G = Generator(z_dim, d).to(run_device, memory_format=fmt)
+    D = Discriminator(d).to(run_device, memory_format=fmt)
+    G_ema = common.ema_model(G, ema_decay)
+    if compile:
+        common.compile_models(G, D)
+    opt_G = common.adam(G.parameters(), lr, beta1, run_device)
+    opt_D = common.adam(D.parameters(), lr, beta1, run_device)
+    run = common.Run(model_name(), common.constants(globals()),
+                     models={'generator': G, 'discriminator': D, 'generator_average': G_ema},
+                     optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=scaler,
+                     exports={'generator': G_ema.module, 'discriminator': D})
     common.save_grid(common.to_unit_range(real_examples(images, labels)), run.path('raw_CelebA.png'), nrow=4)
     first_epoch = run.start(lambda: fixed_inputs(run_device))
     fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
     loss = nn.BCEWithLogitsLoss()
     real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
     ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
+    collapse = common.CollapseCheck(label_smoothing, stop_on_collapse)
 
     try:
         for epoch in range(first_epoch, train_epoch + 1):
             common.set_learning_rate((opt_G, opt_D), learning_rate(epoch))
-            sums = torch.zeros(4, device=run_device)  # loss_d, loss_g, D(x), D(G(z)): read once per epoch
+            means = common.EpochMeans()
             batches = common.shuffled_batches(len(images), batch_size, images.device)
             start = time.perf_counter()
             for index in common.progress(batches, f"epoch {epoch}"):
-                x, y = common.to_unit_range(images[index].to(run_device)), labels[index].to(run_device)
+                x, y = common.real_batch(images, index, run_device, fmt), labels[index].to(run_device)
                 fake_labels = torch.randint(0, N_CLASSES, (batch_size,), device=run_device)
-                fake = G(noise(batch_size, run_device), fake_labels)
-                d_real = D(x, y)
-                d_fake = D(fake.detach(), fake_labels)
-                loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
+                # update D: maximise log D(x|y) + log(1 - D(G(z|y')|y')), y' the fake labels
+                with ctx:
+                    fake = G(noise(batch_size, run_device), fake_labels)
+                    d_real, d_fake = D(x, y), D(fake.detach(), fake_labels)
+                    loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
                 opt_D.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_D.step()
+                scaler.scale(loss_d).backward()
+                scaler.step(opt_D)
 
-                loss_g = loss(D(fake, fake_labels), ones)
+                # update G: maximise log D(G(z|y')|y'), the non-saturating form of minimising log(1 - D(...))
+                with ctx:
+                    loss_g = loss(D(fake, fake_labels), ones)
                 opt_G.zero_grad(set_to_none=True)
-                loss_g.backward()
-                opt_G.step()
-                G_avg.update_parameters(G)
+                scaler.scale(loss_g).backward()
+                scaler.step(opt_G)
+                scaler.update()
+                G_ema.update_parameters(G)
 
-                sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
+                means.add(loss_d=loss_d, loss_g=loss_g, d_real=d_real.sigmoid().mean(), d_fake=d_fake.sigmoid().mean())
             common.synchronize(run_device)
             seconds = time.perf_counter() - start
-            grids = {run.fixed_grid_path(epoch): (common.sample(G_avg.module, fixed['z'], fixed['labels']), 4)}
-            run.end_epoch(epoch, sums / len(batches), seconds, batches.numel(), grids)
+            grids = {run.fixed_grid_path(epoch): (common.sample(G_ema.module, fixed['z'], fixed['labels']), 4)}
+            run.end_epoch(epoch, means.read(), seconds, batches.numel(), grids)
+            if collapse.stops(run):
+                break
     except KeyboardInterrupt:
         run.interrupted()
     # Written after the last epoch, and again by a rerun of a finished run, like the plot and the GIF.
-    common.save_grid(common.sample(G_avg.module, fixed['morph_z'], fixed['morph_labels']),
+    common.save_grid(common.sample(G_ema.module, fixed['morph_z'], fixed['morph_labels']),
                      run.path(f"{run.name}_morp.png"), nrow=10)
     run.finish()
 
 
 if __name__ == '__main__':
-    config = common.configure(globals())
-    data_dir = data_dir or output_folder(isCrop)
+    common.configure(globals())
+    data_dir = data_dir or common.celeba_folder(isCrop)
     results_dir = results_dir or f"{model_name()}_results"
-    config.update(data_dir=data_dir, results_dir=results_dir)  # Run and the JSON history record the folders used
     run_device = common.pick_device(device)
     torch.manual_seed(seed)
     if generate:
         generate_samples(run_device)
     else:
-        train(config, run_device)
+        train(run_device)

@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 
 import common
-from celeba_preprocess import output_folder
 
 isCrop = False                        # train on the tighter 108x108 face crop, with its own data and results folders
 data_dir = ''                         # holds female/ and male/ of 64x64 faces; '' = data/resized_celebA(_crop)
@@ -29,6 +28,11 @@ resume = True                         # continue from results_dir/checkpoint.pt 
 generate = 0                          # N > 0: only write a grid of N new samples from the trained G
 label_smoothing = 0.0                 # D's target for real images is 1 - this (one-sided); 0 = original
 ema_decay = 0.999                     # grids and saved G use an EMA of G's weights; 0 = original (raw G)
+stop_on_collapse = False              # when D wins outright: True stops training, False goes on
+generate_from = 'last'                # --generate samples from the 'last' generator (no fid to pick a best)
+precision = 'auto'                    # auto (bf16 where this CPU or GPU runs it fast, else fp32), bf16, fp16, fp32
+channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
+compile = False                       # torch.compile G and D (a minute's start; not faster on the CPUs measured)
 
 MODEL = 'CelebA_DCGAN'
 
@@ -88,24 +92,31 @@ def learning_rate(epoch):
 
 
 def generate_samples(run_device):
-    G = common.load_weights(Generator(z_dim, d), f"{results_dir}/{model_name()}_generator.pt").to(run_device)
+    weights = common.generator_weights(results_dir, model_name(), generate_from)
+    G = common.load_weights(Generator(z_dim, d), weights).to(run_device)
     path = f"{results_dir}/{model_name()}_generated.png"
     common.save_grid(common.sample(G, noise(generate, run_device)), path, nrow=common.square_side(generate))
     print(f"wrote {path}: {generate} samples")
 
 
-def train(config, run_device):
+def train(run_device):
+    ctx, scaler = common.mixed_precision(precision, run_device)
+    fmt = common.memory_format(channels_last)
     if img_size != 64:
         common.fail(f"img_size={img_size}: this DCGAN's layers make 64x64 images; drop --img_size")
     images, _ = common.load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, run_device)
 
-    G, D = Generator(z_dim, d).to(run_device), Discriminator(d).to(run_device)
-    G_avg = common.averaged(G, ema_decay)
-    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999))
-    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999))
-    run = common.Run(model_name(), config, models={'generator': G, 'discriminator': D, 'generator_average': G_avg},
-                     optimizers={'generator': opt_G, 'discriminator': opt_D},
-                     exports={'generator': G_avg.module, 'discriminator': D})
+    G = Generator(z_dim, d).to(run_device, memory_format=fmt)
+    D = Discriminator(d).to(run_device, memory_format=fmt)
+    G_ema = common.ema_model(G, ema_decay)
+    if compile:
+        common.compile_models(G, D)
+    opt_G = common.adam(G.parameters(), lr, beta1, run_device)
+    opt_D = common.adam(D.parameters(), lr, beta1, run_device)
+    run = common.Run(model_name(), common.constants(globals()),
+                     models={'generator': G, 'discriminator': D, 'generator_average': G_ema},
+                     optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=scaler,
+                     exports={'generator': G_ema.module, 'discriminator': D})
     real = images[common.evenly_spaced(len(images), 25)]  # from across the set: it is sorted by gender
     common.save_grid(common.to_unit_range(real), run.path('raw_CelebA.png'), nrow=5)
     first_epoch = run.start(lambda: {'z': noise(25, run_device)})
@@ -113,47 +124,53 @@ def train(config, run_device):
     loss = nn.BCEWithLogitsLoss()
     real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
     ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
+    collapse = common.CollapseCheck(label_smoothing, stop_on_collapse)
 
     try:
         for epoch in range(first_epoch, train_epoch + 1):
             common.set_learning_rate((opt_G, opt_D), learning_rate(epoch))
-            sums = torch.zeros(4, device=run_device)  # loss_d, loss_g, D(x), D(G(z)): read once per epoch
+            means = common.EpochMeans()
             batches = common.shuffled_batches(len(images), batch_size, images.device)
             start = time.perf_counter()
             for index in common.progress(batches, f"epoch {epoch}"):
-                x = common.to_unit_range(images[index].to(run_device))
-                fake = G(noise(batch_size, run_device))
-                d_real = D(x)
-                d_fake = D(fake.detach())
-                loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
+                x = common.real_batch(images, index, run_device, fmt)
+                # update D: maximise log D(x) + log(1 - D(G(z)))
+                with ctx:
+                    fake = G(noise(batch_size, run_device))
+                    d_real, d_fake = D(x), D(fake.detach())
+                    loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
                 opt_D.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_D.step()
+                scaler.scale(loss_d).backward()
+                scaler.step(opt_D)
 
-                loss_g = loss(D(fake), ones)
+                # update G: maximise log D(G(z)), the non-saturating form of minimising log(1 - D(G(z)))
+                with ctx:
+                    loss_g = loss(D(fake), ones)
                 opt_G.zero_grad(set_to_none=True)
-                loss_g.backward()
-                opt_G.step()
-                G_avg.update_parameters(G)
+                scaler.scale(loss_g).backward()
+                scaler.step(opt_G)
+                scaler.update()
+                G_ema.update_parameters(G)
 
-                sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
+                means.add(loss_d=loss_d, loss_g=loss_g, d_real=d_real.sigmoid().mean(), d_fake=d_fake.sigmoid().mean())
             common.synchronize(run_device)
             seconds = time.perf_counter() - start
-            grids = {run.fixed_grid_path(epoch): (common.sample(G_avg.module, fixed_z), 5)}
-            run.end_epoch(epoch, sums / len(batches), seconds, batches.numel(), grids)
+            grids = {run.fixed_grid_path(epoch): (common.sample(G_ema.module, fixed_z), 5)}
+            run.end_epoch(epoch, means.read(), seconds, batches.numel(), grids)
+            if collapse.stops(run):
+                break
     except KeyboardInterrupt:
         run.interrupted()
     run.finish()
 
 
 if __name__ == '__main__':
-    config = common.configure(globals())
-    data_dir = data_dir or output_folder(isCrop)
+    common.configure(globals())
+    data_dir = data_dir or common.celeba_folder(isCrop)
     results_dir = results_dir or f"{model_name()}_results"
-    config.update(data_dir=data_dir, results_dir=results_dir)  # Run and the JSON history record the folders used
     run_device = common.pick_device(device)
     torch.manual_seed(seed)
     if generate:
         generate_samples(run_device)
     else:
-        train(config, run_device)
+        train(run_device)

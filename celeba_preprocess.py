@@ -18,7 +18,7 @@ from multiprocessing import Pool
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common import configure, fail
+from common import celeba_folder, configure, fail
 
 celeba_dir = 'data/celebA'  # folder holding img_align_celeba/ (or img_align_celeba.zip) and list_attr_celeba.txt
 isCrop = False             # keep only the centred 108x108 face instead of the whole centred 178x178 square
@@ -35,11 +35,6 @@ CROP_SIDE = 108    # the face crop of the DCGAN-era CelebA experiments
 JPEG_QUALITY = 95
 TEMP_SUFFIX = '.tmp'  # each output is written as .NAME.tmp and then renamed, so a killed run leaves no half file
 SHOWN = 5          # names listed per kind of problem in the summary
-
-
-def output_folder(isCrop, output_dir=''):
-    """The folder holding female/ and male/: output_dir, or the default the training scripts read."""
-    return output_dir or ('data/resized_celebA_crop' if isCrop else 'data/resized_celebA')
 
 
 # ---------------------------------------------------------------- finding and reading CelebA
@@ -200,7 +195,7 @@ def main():
     images, attributes = locate(celeba_dir)
     genders = read_genders(attributes)
     available = list_images(images)
-    out = output_folder(isCrop, output_dir)
+    out = output_dir or celeba_folder(isCrop)
     done = written_names(out, img_size)
 
     jobs, missing, present = [], [], 0

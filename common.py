@@ -2,6 +2,7 @@
 
 Nothing here is a model or a training step; each script keeps its own.
 """
+import contextlib
 import gzip
 import json
 import math
@@ -85,19 +86,90 @@ def configure(namespace, argv=None):
 
 
 def pick_device(choice):
-    """'auto' means CUDA, else Apple's MPS, else the CPU."""
+    """'auto' means CUDA, else Apple's MPS, else the CPU. On CUDA, fp32 work may use TF32 and cuDNN picks
+    the fastest convolution for the (fixed) batch shape."""
     if choice == 'auto':
-        if torch.cuda.is_available():
-            return torch.device('cuda')
-        if torch.backends.mps.is_available():
-            return torch.device('mps')
-        return torch.device('cpu')
-    try:
-        device = torch.device(choice)
-        torch.empty(1, device=device)
-    except (RuntimeError, AssertionError) as e:
-        fail(f"device {choice!r} is not usable here ({str(e).splitlines()[0]}); use --device=auto or cpu")
+        device = torch.device('cuda' if torch.cuda.is_available() else
+                              'mps' if torch.backends.mps.is_available() else 'cpu')
+    else:
+        try:
+            device = torch.device(choice)
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as e:
+            fail(f"device {choice!r} is not usable here ({str(e).splitlines()[0]}); use --device=auto or cpu")
+    if device.type == 'cuda':
+        torch.backends.cuda.matmul.fp32_precision = 'tf32'
+        torch.backends.cudnn.conv.fp32_precision = 'tf32'
+        torch.backends.cudnn.benchmark = True
     return device
+
+
+PRECISIONS = ('auto', 'bf16', 'fp16', 'fp32')
+
+
+def cpu_bf16_instructions():
+    """The CPU's native bf16 matrix instructions ('AMX' or 'AVX512_BF16'), or None: without them bf16 is
+    emulated and runs slower than fp32."""
+    for name, supported in (('AMX', '_is_amx_tile_supported'), ('AVX512_BF16', '_is_avx512_bf16_supported')):
+        if getattr(torch.cpu, supported, lambda: False)():
+            return name
+    return None
+
+
+def choose_precision(choice, device):
+    """(autocast dtype or None for fp32, why) for a --precision choice on device."""
+    if choice not in PRECISIONS:
+        fail(f"--precision={choice}: choose one of {', '.join(PRECISIONS)}", 2)
+    if device.type == 'cuda':
+        gpu = torch.cuda.get_device_name(device)
+        has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        if choice == 'bf16' and not has_bf16:
+            fail(f"--precision=bf16: this GPU ({gpu}) has no bf16; use --precision=fp16 or auto", 2)
+        if choice == 'auto':
+            return (torch.bfloat16, f"this GPU ({gpu}) supports bf16") if has_bf16 else \
+                   (None, f"this GPU ({gpu}) has no bf16 (--precision=fp16 may be faster)")
+    elif device.type == 'cpu':
+        native = cpu_bf16_instructions()
+        if choice == 'auto':
+            return (torch.bfloat16, f"this CPU has {native}") if native else \
+                   (None, "this CPU has no native bf16 (AMX or AVX512_BF16), where bf16 is slower than fp32")
+        if choice == 'bf16' and not native:
+            return torch.bfloat16, "as asked; this CPU has no native bf16, so it is slower than fp32"
+        if choice == 'fp16':
+            return torch.float16, "as asked; fp16 matrix products are slow on most CPUs (bf16 or fp32 is faster)"
+    elif choice == 'auto':
+        return None, f"mixed precision is not known to work well on {device.type}"
+    return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[choice], "as asked"
+
+
+def mixed_precision(choice, device):
+    """The autocast context for the forward passes and the GradScaler of a --precision choice; prints which
+    device and precision the run uses and why. Weights, optimizer states and losses stay fp32; fp16
+    scales the losses so small gradients do not underflow (bf16 has fp32's range and needs no scaling)."""
+    dtype, why = choose_precision(choice, device)
+    name = {torch.bfloat16: 'bf16', torch.float16: 'fp16', None: 'fp32'}[dtype]
+    print(f"{device}, {name}{' autocast' if dtype else ''}: {why}", flush=True)
+    try:
+        ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    except RuntimeError as e:
+        fail(f"--precision={choice} is not supported on {device} ({str(e).splitlines()[0]}); use --precision=fp32", 2)
+    return ctx, torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+
+
+def memory_format(channels_last):
+    """Convolutions run faster in channels-last (NHWC) memory order with oneDNN and cuDNN."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def adam(parameters, lr, beta1, device):
+    """Adam with betas (beta1, 0.999), as one fused kernel where the device has it."""
+    return torch.optim.Adam(parameters, lr=lr, betas=(beta1, 0.999), fused=device.type in ('cuda', 'cpu'))
+
+
+def compile_models(*models):
+    """torch.compile each model in place, so its state_dict keeps its names (no _orig_mod. prefix)."""
+    for model in models:
+        model.compile()
 
 
 # ---------------------------------------------------------------- MNIST
@@ -188,6 +260,15 @@ def resize_images(images, size):
 def to_unit_range(images_uint8):
     """uint8 pixels to floats in [-1, 1], the range the generators' tanh produces."""
     return images_uint8.float().div_(127.5).sub_(1)
+
+
+def real_batch(images_uint8, index, device, memory_format=torch.contiguous_format):
+    """images_uint8[index] on device as floats in [-1, 1], in the models' memory format. A batch sliced on
+    the host goes to a GPU through pinned memory without waiting, so the copy overlaps the GPU's work."""
+    batch = images_uint8[index]
+    if batch.device.type == 'cpu' and device.type == 'cuda':
+        batch = batch.pin_memory().to(device, non_blocking=True)
+    return to_unit_range(batch.to(device)).contiguous(memory_format=memory_format)
 
 
 # ---------------------------------------------------------------- training plumbing
@@ -318,19 +399,20 @@ def load_weights(model, path):
     return model
 
 
-def averaged(model, decay):
+def ema_model(model, decay):
     """An exponential moving average of model's weights and BatchNorm statistics, for sampling.
 
-    decay 0 makes it a plain copy of the latest weights, the original recipe.
+    decay 0 makes it a plain copy of the latest weights, the original recipe. Made before model is
+    compiled, so the copy is a plain module.
     """
     from torch.optim.swa_utils import AveragedModel
 
     @torch.no_grad()
-    def ema(averaged_params, current_params, steps):
+    def ema(ema_params, current_params, steps):
         # A short memory at first, (1 + n) / (10 + n), so early grids do not show the random start.
         n = int(steps)
         keep = min(decay, (1 + n) / (10 + n))
-        for average, current in zip(averaged_params, current_params):
+        for average, current in zip(ema_params, current_params):
             if average.is_floating_point():
                 average.lerp_(current, 1 - keep)
             else:  # BatchNorm's step counter
@@ -338,26 +420,94 @@ def averaged(model, decay):
     return AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
 
 
-COLLAPSED_LOSS_D = 0.05  # a discriminator this near its least loss for a whole epoch gives G no gradient
+class EpochMeans:
+    """Named scalars of every step (losses, D's outputs), summed where they live and read once an epoch,
+    so the steps never wait for the device."""
+
+    def __init__(self):
+        self.sums, self.steps = {}, 0
+
+    def add(self, **values):
+        for name, value in values.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.steps += 1
+
+    def read(self):
+        """{name: mean over the epoch's steps} as Python floats, in one transfer from the device."""
+        means = torch.stack(list(self.sums.values())).div(self.steps).tolist()
+        return dict(zip(self.sums, means))
+
+
+def bce_floor(label_smoothing):
+    """The least BCE loss of a discriminator's real half: the entropy of its target 1 - label_smoothing."""
+    target = 1 - label_smoothing
+    return -sum(p * math.log(p) for p in (target, 1 - target) if p > 0)
+
+
+class CollapseCheck:
+    """Says plainly when a run falls apart: fid far above its best, or the discriminator winning outright.
+
+    D 'wins outright' when its mean loss over an epoch is within WON_MARGIN of its floor: it then gives
+    G no gradient. Only a fall counts: D often wins the first epochs outright and G still learns
+    (the non-saturating loss), so an epoch counts only after an earlier, contested one.
+    """
+    WON_MARGIN = 0.05
+
+    def __init__(self, label_smoothing, stop_on_collapse, fid_factor=None):
+        self.floor = bce_floor(label_smoothing)  # of loss_d = real half + fake half; the fake half can reach 0
+        self.stop = stop_on_collapse
+        self.factor = fid_factor
+
+    def won_outright(self, loss_d):
+        return loss_d - self.floor < self.WON_MARGIN
+
+    def stops(self, run):
+        """Check run's last epoch; print a COLLAPSE line if it fell apart. True when training should stop."""
+        *earlier, last = run.history
+        best = run.best()
+        signs = []
+        if self.factor and 'fid' in last and last['fid'] > self.factor * best['fid']:
+            signs.append(f"fid {last['fid']:.1f} is over {self.factor:g} times the best, "
+                         f"{best['fid']:.1f} at epoch {best['epoch']}")
+        contested_before = not all(self.won_outright(h['loss_d']) for h in earlier)
+        if contested_before and self.won_outright(last['loss_d']):
+            signs.append(f"the discriminator's loss averaged {last['loss_d']:.3f} over the epoch, "
+                         f"{last['loss_d'] - self.floor:.3f} above its floor")
+        if signs:
+            going = "stopping (stop_on_collapse)" if self.stop else "going on"
+            kept = f" The best generator stays in {run.best_generator_path()}" if best else ""
+            print(f"COLLAPSE at epoch {last['epoch']}: {'; '.join(signs)}; {going}.{kept}", flush=True)
+        return bool(signs) and self.stop
+
+
+def constants(namespace):
+    """A script's constants and their values now: what a run records and a checkpoint must match."""
+    return {name: namespace[name] for name in constant_names(namespace)}
 
 
 class Run:
     """The files of one training run in results_dir and what survives an interruption.
 
     After every epoch: the grids, the weights, the JSON history and a checkpoint with everything
-    needed to continue (models, optimizers, history, fixed inputs, RNG states, constants),
+    needed to continue (models, optimizers, GradScaler, history, fixed inputs, RNG states, constants),
     replaced atomically so a kill at any moment leaves the last complete epoch.
     """
-    RUN_CONTROL = {'train_epoch', 'resume', 'generate', 'device', 'results_dir', 'data_dir', 'train_limit'}
+    RUN_CONTROL = {'train_epoch', 'resume', 'generate', 'device', 'results_dir', 'data_dir', 'train_limit',
+                   'precision', 'channels_last', 'compile'}
 
-    def __init__(self, model_name, config, models, optimizers, exports):
-        """models and optimizers go into the checkpoint; exports are saved as <Model>_<name>.pt."""
+    def __init__(self, model_name, config, models, optimizers, exports, scaler=None, best_by=None):
+        """config: the script's constants; models, optimizers and the scaler go into the checkpoint;
+        exports are saved as <Model>_<name>.pt; best_by: the history key (lower is better) whose best
+        epoch's generator is kept as <Model>_generator_best.pt."""
         self.name = model_name
         self.config = config
         self.dir = config['results_dir']
         self.models = models
         self.optimizers = optimizers
+        self.scaler = scaler
         self.exports = exports
+        self.best_by = best_by
         self.history = []
         self.fixed = {}
         self.checkpoint_path = os.path.join(self.dir, 'checkpoint.pt')
@@ -388,6 +538,8 @@ class Run:
                  f"pass those, use another --results_dir, or --resume=false to start afresh")
         for name, optimizer in self.optimizers.items():
             optimizer.load_state_dict(state['optimizers'][name])
+        if self.scaler is not None and state.get('scaler'):  # empty where the run was not fp16
+            self.scaler.load_state_dict(state['scaler'])
         self.history = state['history']
         self.fixed = state['fixed']
         torch.set_rng_state(state['rng']['cpu'])
@@ -401,26 +553,22 @@ class Run:
             print(f"{self.dir}: resuming after epoch {epoch}")
         return epoch + 1
 
-    def end_epoch(self, epoch, means, seconds, n_images, grids, quality=None):
+    def end_epoch(self, epoch, scores, seconds, n_images, grids):
         """Record a finished epoch: check it, print its line, save grids, weights, history and checkpoint.
 
-        means: a tensor of the epoch's mean loss_d, loss_g, D(x) and D(G(z)), read here once;
-        grids: {path: (images, columns)}, captioned "Epoch N"; quality: scores with an 'fid', if measured.
-        Returns True when the run should stop: it collapsed and the constant stop_on_collapse says so.
+        scores: the epoch's named means and quality scores, e.g. {'loss_d': ..., 'fid': ...};
+        grids: {path: (images, columns)}, captioned "Epoch N".
         """
-        stats = dict(zip(('loss_d', 'loss_g', 'd_real', 'd_fake'), means.tolist()),
-                     seconds=seconds, images_per_second=n_images / seconds)
-        bad = [k for k, v in stats.items() if not math.isfinite(v)]
+        bad = [k for k, v in scores.items() if not math.isfinite(v)]
         if bad:
             kept = f"the checkpoint of epoch {epoch - 1} is kept in {self.dir}" if epoch > 1 else "no epoch was saved"
-            fail(f"epoch {epoch}: {', '.join(bad)} became {stats[bad[0]]}; training diverged and {kept}; "
+            fail(f"epoch {epoch}: {', '.join(bad)} became {scores[bad[0]]}; training diverged and {kept}; "
                  f"try a lower --lr")
-        stats = {'epoch': epoch, **stats, **(quality or {})}
+        stats = {'epoch': epoch, **scores, 'seconds': seconds, 'images_per_second': n_images / seconds}
         self.history.append(stats)
-        scores = ''.join(f", {key}: {value:.3f}" for key, value in (quality or {}).items())
-        print(f"[{epoch}/{self.config['train_epoch']}] - ptime: {stats['seconds']:.2f}, "
-              f"loss_d: {stats['loss_d']:.3f}, loss_g: {stats['loss_g']:.3f}, D(x): {stats['d_real']:.3f}, "
-              f"D(G(z)): {stats['d_fake']:.3f}, {stats['images_per_second']:.0f} img/s{scores}", flush=True)
+        named = ''.join(f", {name}: {value:.3f}" for name, value in scores.items())
+        print(f"[{epoch}/{self.config['train_epoch']}] - ptime: {seconds:.2f}{named}, "
+              f"{stats['images_per_second']:.0f} img/s", flush=True)
         for path, (images, columns) in grids.items():
             save_grid(images, path, columns, label=f"Epoch {epoch}")
         for name, model in self.exports.items():
@@ -430,14 +578,16 @@ class Run:
         state = {'epoch': epoch, 'config': self.config, 'history': self.history, 'fixed': self.fixed,
                  'models': {n: m.state_dict() for n, m in self.models.items()},
                  'optimizers': {n: o.state_dict() for n, o in self.optimizers.items()},
+                 'scaler': self.scaler.state_dict() if self.scaler is not None else {},
                  'rng': {'cpu': torch.get_rng_state(),
                          'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
         atomic_write(self.checkpoint_path, lambda t: torch.save(state, t))
-        return self._collapsed(stats) and self.config.get('stop_on_collapse', False)
 
     def best(self):
-        """The history entry of the lowest fid, or None where quality is not measured."""
-        return min((h for h in self.history if 'fid' in h), key=lambda h: h['fid'], default=None)
+        """The history entry of the lowest best_by score, or None where none is measured."""
+        if self.best_by is None:
+            return None
+        return min((h for h in self.history if self.best_by in h), key=lambda h: h[self.best_by], default=None)
 
     def best_generator_path(self):
         return self.path(f"{self.name}_generator_best.pt")
@@ -447,28 +597,6 @@ class Run:
         if best is not None and best['epoch'] == epoch:
             generator = self.exports['generator']
             atomic_write(self.best_generator_path(), lambda t: torch.save(generator.state_dict(), t))
-
-    def _collapsed(self, stats):
-        """Say so plainly when quality falls apart: fid far above its best, or D winning outright."""
-        best = self.best()
-        signs = []
-        if 'fid' in stats and stats['fid'] > self.config['collapse_factor'] * best['fid']:
-            signs.append(f"fid {stats['fid']:.1f} is over {self.config['collapse_factor']:g} times "
-                         f"the best, {best['fid']:.1f} at epoch {best['epoch']}")
-        # With a smoothed real target of 1 - s, D's loss cannot go below the entropy of that target.
-        target = 1 - self.config.get('label_smoothing', 0.0)
-        floor = -sum(p * math.log(p) for p in (target, 1 - target) if p > 0)
-        won_outright = lambda loss_d: loss_d - floor < COLLAPSED_LOSS_D
-        # Only a fall counts: D often wins the first epoch outright and G still learns (non-saturating loss).
-        contested_before = not all(won_outright(h['loss_d']) for h in self.history[:-1])
-        if contested_before and won_outright(stats['loss_d']):
-            signs.append(f"the discriminator's loss averaged {stats['loss_d']:.3f} over the epoch, "
-                         f"{stats['loss_d'] - floor:.3f} above its floor")
-        if signs:
-            going = "stopping (stop_on_collapse)" if self.config.get('stop_on_collapse') else "going on"
-            kept = f" The best generator stays in {self.best_generator_path()}" if best else ""
-            print(f"COLLAPSE at epoch {stats['epoch']}: {'; '.join(signs)}; {going}.{kept}", flush=True)
-        return bool(signs)
 
     def save_history(self):
         seconds = sum(h['seconds'] for h in self.history)
@@ -486,20 +614,16 @@ class Run:
         if not self.history:
             return
         plot_curves(self.history, [('loss', ['loss_d', 'loss_g'], 'linear')], self.path(f"{self.name}_train_hist.png"))
-        best = self.best()
-        if best is not None:
-            shares = [key for key in ('class_acc', 'class_entropy') if key in best]
-            # fid falls from ~1000 to single digits: only a log scale shows the late epochs.
-            plot_curves(self.history, [('fid (lower is better)', ['fid'], 'log'), ('share or nats', shares, 'linear')],
-                        self.path(f"{self.name}_quality.png"))
         frames = [self.fixed_grid_path(h['epoch']) for h in self.history]
         save_animation([p for p in frames if os.path.exists(p)], self.path(f"{self.name}_generation_animation.gif"))
         seconds = [h['seconds'] for h in self.history]
         print(f"Avg one epoch ptime: {sum(seconds) / len(seconds):.2f}, "
               f"total {len(seconds)} epochs ptime: {sum(seconds):.2f}")
         print(f"outputs in {self.dir}/")
+        best = self.best()
         if best is not None:
-            print(f"best generator: epoch {best['epoch']}, fid {best['fid']:.2f}, in {self.best_generator_path()}")
+            print(f"best generator: epoch {best['epoch']}, {self.best_by} {best[self.best_by]:.2f}, "
+                  f"in {self.best_generator_path()}")
 
     def interrupted(self):
         done = self.history[-1]['epoch'] if self.history else 0
@@ -586,12 +710,16 @@ def evenly_spaced(n, count):
     return torch.linspace(0, n - 1, count).round().long()
 
 
+def celeba_folder(isCrop):
+    """Where celeba_preprocess.py writes female/ and male/ by default, and the training scripts read them."""
+    return 'data/resized_celebA_crop' if isCrop else 'data/resized_celebA'
+
+
 def celeba_preprocess_command(data_dir, isCrop):
     """The command that writes the faces the training scripts read from data_dir."""
     import shlex
-    from celeba_preprocess import output_folder
     args = ['--isCrop=True'] if isCrop else []
-    if os.path.normpath(data_dir) != os.path.normpath(output_folder(isCrop)):
+    if os.path.normpath(data_dir) != os.path.normpath(celeba_folder(isCrop)):
         args.append(f"--output_dir={data_dir}")
     return shlex.join(['python', 'celeba_preprocess.py', *args])
 

@@ -184,6 +184,14 @@ class MnistQuality:
             scores['class_acc'] = (predicted.cpu() == labels.cpu()).double().mean().item()
         return scores
 
+    @staticmethod
+    def plot(history, path):
+        """fid and the class shares of a run's history, epoch by epoch."""
+        shares = [key for key in ('class_acc', 'class_entropy') if key in history[0]]
+        # fid falls from ~1000 to single digits: only a log scale shows the late epochs.
+        common.plot_curves(history, [('fid (lower is better)', ['fid'], 'log'), ('share or nats', shares, 'linear')],
+                           path)
+
 
 # ---------------------------------------------------------------- training
 

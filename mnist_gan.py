@@ -30,6 +30,8 @@ quality_samples = 2000                # samples scored after each epoch (fid, cl
 collapse_factor = 4.0                 # an epoch whose fid is over this times the best is reported as a collapse
 stop_on_collapse = False              # on a collapse: True stops training, False goes on; the best G is kept
 generate_from = 'best'                # --generate samples from the 'best' generator by fid, or the 'last'
+precision = 'auto'                    # auto (bf16 where this CPU or GPU runs it fast, else fp32), bf16, fp16, fp32
+compile = False                       # torch.compile G and D (a minute's start; not faster on the CPUs measured)
 
 MODEL = 'MNIST_GAN'
 
@@ -74,16 +76,21 @@ def generate_samples(run_device):
     print(f"wrote {path}: {generate} samples")
 
 
-def train(config, run_device):
+def train(run_device):
+    ctx, scaler = common.mixed_precision(precision, run_device)
     images, _ = common.load_training_set(data_dir, img_size, train_limit, batch_size, run_device)
 
     G, D = Generator(z_dim, img_size).to(run_device), Discriminator(img_size).to(run_device)
-    G_avg = common.averaged(G, ema_decay)
-    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999))
-    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999))
-    run = common.Run(MODEL, config, models={'generator': G, 'discriminator': D, 'generator_average': G_avg},
-                     optimizers={'generator': opt_G, 'discriminator': opt_D},
-                     exports={'generator': G_avg.module, 'discriminator': D})
+    G_ema = common.ema_model(G, ema_decay)
+    if compile:
+        common.compile_models(G, D)
+    opt_G = common.adam(G.parameters(), lr, beta1, run_device)
+    opt_D = common.adam(D.parameters(), lr, beta1, run_device)
+    run = common.Run(MODEL, common.constants(globals()),
+                     models={'generator': G, 'discriminator': D, 'generator_average': G_ema},
+                     optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=scaler,
+                     exports={'generator': G_ema.module, 'discriminator': D},
+                     best_by='fid' if quality_samples else None)
     # Before start(), whose restored random state must not be drawn from by anything but training.
     quality = MnistQuality(data_dir, img_size, run_device) if quality_samples else None
     common.save_grid(common.to_unit_range(images[:25]), run.path('raw_MNIST.png'), nrow=5)
@@ -94,46 +101,54 @@ def train(config, run_device):
     loss = nn.BCEWithLogitsLoss()
     real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
     ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
+    collapse = common.CollapseCheck(label_smoothing, stop_on_collapse, collapse_factor)
 
     try:
         for epoch in range(first_epoch, train_epoch + 1):
-            sums = torch.zeros(4, device=run_device)  # loss_d, loss_g, D(x), D(G(z)): read once per epoch
+            means = common.EpochMeans()
             batches = common.shuffled_batches(len(images), batch_size, run_device)
             start = time.perf_counter()
             for index in common.progress(batches, f"epoch {epoch}"):
-                x = common.to_unit_range(images[index])
-                fake = G(noise(batch_size, run_device))
-                d_real = D(x)
-                d_fake = D(fake.detach())
-                loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
+                x = common.real_batch(images, index, run_device)
+                # update D: maximise log D(x) + log(1 - D(G(z)))
+                with ctx:
+                    fake = G(noise(batch_size, run_device))
+                    d_real, d_fake = D(x), D(fake.detach())
+                    loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
                 opt_D.zero_grad(set_to_none=True)
-                loss_d.backward()
-                opt_D.step()
+                scaler.scale(loss_d).backward()
+                scaler.step(opt_D)
 
-                loss_g = loss(D(fake), ones)
+                # update G: maximise log D(G(z)), the non-saturating form of minimising log(1 - D(G(z)))
+                with ctx:
+                    loss_g = loss(D(fake), ones)
                 opt_G.zero_grad(set_to_none=True)
-                loss_g.backward()
-                opt_G.step()
-                G_avg.update_parameters(G)
+                scaler.scale(loss_g).backward()
+                scaler.step(opt_G)
+                scaler.update()
+                G_ema.update_parameters(G)
 
-                sums += torch.stack([loss_d, loss_g, d_real.sigmoid().mean(), d_fake.sigmoid().mean()]).detach()
+                means.add(loss_d=loss_d, loss_g=loss_g, d_real=d_real.sigmoid().mean(), d_fake=d_fake.sigmoid().mean())
             common.synchronize(run_device)
             seconds = time.perf_counter() - start
-            grids = {run.fixed_grid_path(epoch): (common.sample(G_avg.module, fixed['z']), 5),
-                     run.random_grid_path(epoch): (common.sample(G_avg.module, noise(25, run_device)), 5)}
-            scores = quality and quality.score(common.sample(G_avg.module, fixed['quality_z']))
-            if run.end_epoch(epoch, sums / len(batches), seconds, batches.numel(), grids, scores):
+            grids = {run.fixed_grid_path(epoch): (common.sample(G_ema.module, fixed['z']), 5),
+                     run.random_grid_path(epoch): (common.sample(G_ema.module, noise(25, run_device)), 5)}
+            scores = quality.score(common.sample(G_ema.module, fixed['quality_z'])) if quality else {}
+            run.end_epoch(epoch, {**means.read(), **scores}, seconds, batches.numel(), grids)
+            if collapse.stops(run):
                 break
     except KeyboardInterrupt:
         run.interrupted()
+    if quality:
+        quality.plot(run.history, run.path(f"{MODEL}_quality.png"))
     run.finish()
 
 
 if __name__ == '__main__':
-    config = common.configure(globals())
+    common.configure(globals())
     run_device = common.pick_device(device)
     torch.manual_seed(seed)
     if generate:
         generate_samples(run_device)
     else:
-        train(config, run_device)
+        train(run_device)

@@ -260,8 +260,9 @@ def test_bad_input_gives_one_line_error(celeba, tmp_path, make, message):
     assert 'Traceback' not in proc.stderr
 
 
-def test_output_folder_default():
-    from celeba_preprocess import output_folder
-    assert output_folder(False) == 'data/resized_celebA'
-    assert output_folder(True) == 'data/resized_celebA_crop'
-    assert output_folder(True, 'elsewhere') == 'elsewhere'
+def test_output_folder_default(celeba, tmp_path):
+    """Without --output_dir the faces go where the training scripts look for them."""
+    from common import celeba_folder
+    assert celeba_folder(False) == 'data/resized_celebA' and celeba_folder(True) == 'data/resized_celebA_crop'
+    run(tmp_path, f'--celeba_dir={celeba}', '--isCrop=True')
+    assert sorted(os.listdir(tmp_path / celeba_folder(True))) == ['female', 'male']

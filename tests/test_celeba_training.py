@@ -63,10 +63,11 @@ def trained(request, work):
                 out=work / f'{model}_results', stdout=result.stdout, work=work)
 
 
-def test_prints_the_seed_epoch_lines_and_total(trained):
+def test_prints_the_device_precision_and_why_then_the_seed_epoch_lines_and_total(trained):
     lines = [line for line in trained['stdout'].splitlines() if not line.startswith('decoding')]
-    assert lines[0].startswith('[1/2] - ptime: ') and 'loss_d: ' in lines[0] and 'img/s' in lines[0]
-    assert lines[1].startswith('[2/2] - ptime: ')
+    assert lines[0].startswith('cpu, ') and ': ' in lines[0]  # e.g. 'cpu, bf16 autocast: this CPU has AMX'
+    assert lines[1].startswith('[1/2] - ptime: ') and 'loss_d: ' in lines[1] and 'img/s' in lines[1]
+    assert lines[2].startswith('[2/2] - ptime: ')
     assert any(line.startswith('Avg one epoch ptime: ') and 'total 2 epochs ptime: ' in line for line in lines)
 
 

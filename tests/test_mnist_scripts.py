@@ -49,10 +49,11 @@ def trained(request, mnist_dir, tmp_path_factory):
                 has_random=has_random, out=work / 'out', stdout=result.stdout, work=work)
 
 
-def test_prints_the_seed_epoch_lines_and_total(trained):
+def test_prints_the_device_precision_and_why_then_the_seed_epoch_lines_and_total(trained):
     lines = trained['stdout'].splitlines()
-    assert lines[0].startswith('[1/2] - ptime: ') and 'loss_d: ' in lines[0] and 'img/s' in lines[0]
-    assert lines[1].startswith('[2/2] - ptime: ')
+    assert lines[0].startswith('cpu, ') and ': ' in lines[0]  # e.g. 'cpu, bf16 autocast: this CPU has AMX'
+    assert lines[1].startswith('[1/2] - ptime: ') and 'loss_d: ' in lines[1] and 'img/s' in lines[1]
+    assert lines[2].startswith('[2/2] - ptime: ')
     assert any(line.startswith('Avg one epoch ptime: ') and 'total 2 epochs ptime: ' in line for line in lines)
 
 
@@ -334,10 +335,9 @@ def test_missing_mnist_without_network_names_the_folder_and_files(tmp_path):
     assert 'train-images-idx3-ubyte' in last and 't10k-labels-idx1-ubyte' in last
 
 
-def run_with_losses(tmp_path, smoothing, losses_d):
+def run_with_losses(tmp_path, losses_d):
     """A Run whose history holds epochs with these mean D losses, the last one just finished."""
-    config = {'results_dir': str(tmp_path), 'train_epoch': 5, 'label_smoothing': smoothing, 'collapse_factor': 4.0}
-    run = common.Run('M', config, models={}, optimizers={}, exports={})
+    run = common.Run('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
     run.history = [{'epoch': epoch, 'loss_d': loss_d} for epoch, loss_d in enumerate(losses_d, 1)]
     return run
 
@@ -346,14 +346,14 @@ def run_with_losses(tmp_path, smoothing, losses_d):
                                                          (0.1, 0.34, True), (0.1, 0.45, False)])
 def test_a_discriminator_at_its_least_loss_is_a_collapse(tmp_path, capsys, smoothing, loss_d, collapsed):
     # With real targets of 0.9, D's loss cannot go below 0.325: a D that wins outright sits there, not at 0.
-    run = run_with_losses(tmp_path, smoothing, [0.9, 0.8, loss_d])
-    assert run._collapsed(run.history[-1]) == collapsed
+    run = run_with_losses(tmp_path, [0.9, 0.8, loss_d])
+    assert common.CollapseCheck(smoothing, stop_on_collapse=True).stops(run) == collapsed
     assert ('COLLAPSE at epoch 3' in capsys.readouterr().out) == collapsed
 
 
 @pytest.mark.parametrize('first_epochs', [[0.027], [0.027, 0.01]])
 def test_a_discriminator_winning_from_the_start_is_not_a_collapse(tmp_path, capsys, first_epochs):
     # Measured here: the MNIST DCGAN at d = 16 began with loss_d 0.027 over epoch 1 and then learned normally.
-    run = run_with_losses(tmp_path, 0.0, first_epochs)
-    assert not run._collapsed(run.history[-1])
+    run = run_with_losses(tmp_path, first_epochs)
+    assert not common.CollapseCheck(0.0, stop_on_collapse=True).stops(run)
     assert 'COLLAPSE' not in capsys.readouterr().out

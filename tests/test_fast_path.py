@@ -1,0 +1,208 @@
+"""The fast path: the precision choice, mixed-precision runs that train and resume, channels_last, the benchmark."""
+import contextlib
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+from conftest import REPO, run_script
+
+CPU, CUDA = torch.device('cpu'), torch.device('cuda')
+
+
+@pytest.fixture
+def cpu_with(monkeypatch):
+    """Pretend the CPU has these native bf16 instructions (None: none)."""
+    def pretend(instructions):
+        monkeypatch.setattr(common, 'cpu_bf16_instructions', lambda: instructions)
+    return pretend
+
+
+@pytest.fixture
+def gpu_with(monkeypatch):
+    """Pretend to be on a GPU that has, or has not, bf16."""
+    def pretend(has_bf16):
+        monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Some GPU')
+        monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: has_bf16)
+    return pretend
+
+
+@pytest.mark.parametrize('instructions', ['AMX', 'AVX512_BF16'])
+def test_auto_picks_bf16_on_a_cpu_with_native_bf16_and_says_why(cpu_with, instructions):
+    cpu_with(instructions)
+    assert common.choose_precision('auto', CPU) == (torch.bfloat16, f"this CPU has {instructions}")
+
+
+def test_auto_stays_fp32_on_a_cpu_without_native_bf16(cpu_with):
+    cpu_with(None)
+    dtype, why = common.choose_precision('auto', CPU)
+    assert dtype is None and 'no native bf16' in why and 'slower' in why
+
+
+def test_asked_for_precisions_are_taken_as_asked_and_a_slow_choice_says_so(cpu_with):
+    cpu_with(None)
+    assert common.choose_precision('fp32', CPU) == (None, 'as asked')
+    dtype, why = common.choose_precision('bf16', CPU)
+    assert dtype is torch.bfloat16 and 'slower than fp32' in why
+    dtype, why = common.choose_precision('fp16', CPU)
+    assert dtype is torch.float16 and 'slow' in why
+
+
+def test_the_cpu_instructions_are_read_from_torch(monkeypatch):
+    for amx, avx512_bf16, expected in ((True, True, 'AMX'), (False, True, 'AVX512_BF16'), (False, False, None)):
+        monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda amx=amx: amx)
+        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda b=avx512_bf16: b)
+        assert common.cpu_bf16_instructions() == expected
+
+
+def test_auto_picks_bf16_on_a_gpu_that_has_it_and_fp32_on_one_that_has_not(gpu_with):
+    gpu_with(True)
+    assert common.choose_precision('auto', CUDA) == (torch.bfloat16, 'this GPU (Some GPU) supports bf16')
+    gpu_with(False)
+    dtype, why = common.choose_precision('auto', CUDA)
+    assert dtype is None and 'has no bf16' in why
+    assert common.choose_precision('fp16', CUDA) == (torch.float16, 'as asked')
+
+
+def test_bf16_on_a_gpu_without_it_is_one_line_and_status_2(gpu_with, capsys):
+    gpu_with(False)
+    with pytest.raises(SystemExit) as stop:
+        common.choose_precision('bf16', CUDA)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == ("error: --precision=bf16: this GPU (Some GPU) has no bf16; "
+                                       "use --precision=fp16 or auto\n")
+
+
+def test_auto_stays_fp32_on_apple_mps():
+    dtype, why = common.choose_precision('auto', torch.device('mps'))
+    assert dtype is None and 'mps' in why
+
+
+def test_an_unknown_precision_is_one_line_and_status_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        common.choose_precision('fp8', CPU)
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: --precision=fp8: choose one of auto, bf16, fp16, fp32\n"
+
+
+@pytest.mark.parametrize('choice, dtype, scaled', [('fp32', None, False), ('bf16', torch.bfloat16, False),
+                                                   ('fp16', torch.float16, True)])
+def test_mixed_precision_autocasts_the_forward_pass_and_scales_only_fp16(choice, dtype, scaled, capsys):
+    ctx, scaler = common.mixed_precision(choice, CPU)
+    assert capsys.readouterr().out.startswith(f"cpu, {choice}")
+    assert scaler.is_enabled() == scaled
+    layer = torch.nn.Linear(4, 4)
+    with ctx:
+        out = layer(torch.randn(2, 4))
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, torch.ones_like(out))
+    assert out.dtype == (dtype or torch.float32)
+    assert loss.dtype == torch.float32 and layer.weight.dtype == torch.float32  # losses and weights stay fp32
+    assert isinstance(ctx, contextlib.nullcontext) == (dtype is None)
+
+
+def test_a_precision_a_script_cannot_use_is_one_line(mnist_dir, tmp_path):
+    result = run_script('mnist_cgan.py', f'--data_dir={mnist_dir}', f'--results_dir={tmp_path / "out"}',
+                        '--precision=fp8', cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == "error: --precision=fp8: choose one of auto, bf16, fp16, fp32\n"
+    result = run_script('mnist_gan.py', '--channels_last=true', cwd=tmp_path)  # an MLP has no memory format
+    assert result.returncode == 2 and result.stderr.startswith("error: unknown constant 'channels_last'")
+
+
+# ---------------------------------------------------------------- tiny mixed-precision runs
+
+TINY = {'mnist_gan.py': ('MNIST_GAN', []), 'mnist_cdcgan.py': ('MNIST_cDCGAN', ['--d=8'])}
+
+
+def tiny_run(script, mnist_dir, out, precision, epochs, *extra):
+    model, args = TINY[script]
+    result = run_script(script, f'--data_dir={mnist_dir}', f'--results_dir={out}', f'--train_epoch={epochs}',
+                        '--train_limit=128', '--batch_size=32', '--quality_samples=100', f'--precision={precision}',
+                        *args, *extra, cwd=out.parent)
+    assert result.returncode == 0, result.stderr
+    with open(out / f'{model}_train_hist.json') as f:
+        return result.stdout, json.load(f)['epochs']
+
+
+@pytest.mark.parametrize('script', TINY)
+@pytest.mark.parametrize('precision', ['bf16', 'fp16'])
+def test_a_mixed_precision_run_trains_resumes_and_stays_finite(mnist_dir, tmp_path, script, precision):
+    out = tmp_path / 'resumed'
+    stdout, _ = tiny_run(script, mnist_dir, out, precision, 1)
+    assert stdout.startswith(f"cpu, {precision} autocast: ")
+    checkpoint = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert bool(checkpoint['scaler']) == (precision == 'fp16')
+    if precision == 'fp16':
+        # As if the scale had backed off after overflows: the resumed run must go on from it, not from 65536.
+        checkpoint['scaler']['scale'] = 128.0
+        torch.save(checkpoint, out / 'checkpoint.pt')
+    stdout, resumed = tiny_run(script, mnist_dir, out, precision, 2)
+    assert 'resuming after epoch 1' in stdout
+    assert all(math.isfinite(value) for epoch in resumed for value in epoch.values())
+    assert resumed[1]['loss_d'] != resumed[0]['loss_d']  # it trained on
+    if precision == 'fp16':
+        assert torch.load(out / 'checkpoint.pt', weights_only=True)['scaler']['scale'] == 128.0
+    generator = torch.load(out / f'{TINY[script][0]}_generator.pt', weights_only=True)
+    weights = [w for w in generator.values() if w.is_floating_point()]  # not BatchNorm's step counters
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights)
+
+
+def test_bf16_resumed_equals_uninterrupted(mnist_dir, tmp_path):
+    _, straight = tiny_run('mnist_cdcgan.py', mnist_dir, tmp_path / 'straight', 'bf16', 2)
+    tiny_run('mnist_cdcgan.py', mnist_dir, tmp_path / 'resumed', 'bf16', 1)
+    _, resumed = tiny_run('mnist_cdcgan.py', mnist_dir, tmp_path / 'resumed', 'bf16', 2)
+    losses = ('loss_d', 'loss_g', 'd_real', 'd_fake', 'fid')
+    assert [[e[k] for k in losses] for e in resumed] == [[e[k] for k in losses] for e in straight]
+
+
+# ---------------------------------------------------------------- channels_last
+
+CONV_MODELS = [('mnist_dcgan.py', False), ('mnist_cdcgan.py', True), ('celeba_dcgan.py', False),
+               ('celeba_cdcgan.py', True)]
+
+
+@pytest.mark.parametrize('script, conditional', CONV_MODELS)
+def test_channels_last_models_give_the_same_outputs_as_contiguous_ones(script, conditional):
+    import importlib
+    module = importlib.import_module(script.removesuffix('.py'))
+    torch.manual_seed(0)
+    G, D = module.Generator(z_dim=100, d=8), module.Discriminator(d=8)
+    labels = [torch.tensor([0, 1, 1, 0])] if conditional else []
+    z = torch.randn(4, 100)
+    with torch.no_grad():
+        contiguous = G(z, *labels), D(G(z, *labels), *labels)
+        G_cl, D_cl = (m.to(memory_format=torch.channels_last) for m in (G, D))
+        images = G_cl(z, *labels)
+        channels_last = images, D_cl(images.contiguous(memory_format=torch.channels_last), *labels)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(contiguous, channels_last):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_real_batch_is_in_the_models_memory_format_and_range():
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8)
+    index = torch.tensor([3, 1, 4])
+    batch = common.real_batch(images, index, CPU, torch.channels_last)
+    assert batch.is_contiguous(memory_format=torch.channels_last) and batch.dtype == torch.float32
+    torch.testing.assert_close(batch, images[index].float() / 127.5 - 1)
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def test_the_benchmark_runs_in_smoke_mode_and_prints_its_table(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'speed.py'), '--smoke=True', '--threads=1',
+                             '--scripts=mnist_gan.py,celeba_cdcgan.py', '--precisions=fp32,bf16'],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'PATH': '/usr/bin:/bin'})
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith('| mnist_') or line.startswith('| celeba_')]
+    assert [row.split(' | ')[:3] for row in rows] == [['| mnist_gan.py', '1', 'fp32'], ['| mnist_gan.py', '1', 'bf16'],
+                                                      ['| celeba_cdcgan.py', '1', 'fp32'],
+                                                      ['| celeba_cdcgan.py', '1', 'bf16']]
+    for row in rows:
+        cells = row.strip('|').split('|')
+        assert float(cells[3].split()[0]) > 0 and float(cells[6]) > 0  # img/s and GFLOP per image
+    assert rows[1].split(' | ')[4].endswith('x')  # bf16 against fp32
