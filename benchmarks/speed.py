@@ -1,0 +1,203 @@
+"""Training speed of the six experiments at their real size, for each precision and thread count.
+
+Run:    python benchmarks/speed.py                 (any constant below: --name=value)
+Smoke:  python benchmarks/speed.py --smoke=True    (tiny models, one run each: checks that it works)
+
+Each measurement runs a training script itself, as a user would, for two epochs of `steps` batches
+on synthetic data in the real formats (random digits in IDX files, random faces as JPEGs): the
+first epoch warms up, and the second epoch's images per second (the script's own timing of its
+training loop) is the measurement. Measurements are interleaved (script by script, thread count by
+thread count, precision by precision, then again `repeats` times), so a machine that speeds up or
+slows down affects every column alike. FLOPs per image are counted with torch.utils.flop_counter
+over one generator and discriminator step of the script's own models; the peaks are a large matrix
+product and a DCGAN-sized convolution timed in each precision.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+import common  # noqa: E402  (the repository root is put on the path first)
+
+scripts = 'mnist_gan.py,mnist_cgan.py,mnist_dcgan.py,mnist_cdcgan.py,celeba_dcgan.py,celeba_cdcgan.py'  # comma-separated
+precisions = ''           # comma-separated; '' = those the device runs natively: fp32 and bf16 (and fp16 on CUDA)
+threads = '1,2'           # torch threads of each measurement on the CPU, comma-separated (one GPU ignores it)
+repeats = 3               # interleaved rounds of every measurement
+steps = 1                 # batches per epoch: one warm-up epoch, then one timed epoch
+device = 'auto'           # auto (cuda, else mps, else cpu), cpu, cuda
+smoke = False             # tiny models (d = 8, batch 16) and one round: a check that the benchmark works
+output = 'benchmarks/speed.json'  # the measurements and the table's inputs, for the README
+
+IMAGES_PER_EPOCH = {'mnist': 60_000, 'celeba': 202_599}
+
+
+# ---------------------------------------------------------------- synthetic data in the real formats
+
+def write_mnist(data_dir, n):
+    """n random 28x28 digits and labels as MNIST's IDX files."""
+    import gzip
+    import struct
+    raw = os.path.join(data_dir, 'MNIST', 'raw')
+    os.makedirs(raw, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for name, array in (('train-images-idx3-ubyte', torch.randint(0, 256, (n, 28, 28), generator=generator)),
+                        ('train-labels-idx1-ubyte', torch.randint(0, 10, (n,), generator=generator))):
+        array = array.to(torch.uint8)
+        header = struct.pack('>HBB', 0, 0x08, array.dim()) + struct.pack(f'>{array.dim()}I', *array.shape)
+        with gzip.open(os.path.join(raw, name + '.gz'), 'wb') as f:
+            f.write(header + array.numpy().tobytes())
+
+
+def write_faces(folder, n):
+    """n random 64x64 JPEG faces, half in female/ and half in male/, as celeba_preprocess.py writes them."""
+    from PIL import Image
+    generator = torch.Generator().manual_seed(0)
+    for i in range(n):
+        gender = ('female', 'male')[i % 2]
+        os.makedirs(os.path.join(folder, gender), exist_ok=True)
+        pixels = torch.randint(0, 256, (64, 64, 3), generator=generator, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(os.path.join(folder, gender, f'{i:06d}.jpg'))
+
+
+# ---------------------------------------------------------------- what is measured
+
+def load_script(script):
+    """A training script as a module (importing one has no side effects)."""
+    import importlib
+    return importlib.import_module(script.removesuffix('.py'))
+
+
+def flops_per_image(script, width, batch):
+    """FLOPs of one training step per image: G forward, D on real and fake, D's and G's backward passes."""
+    from torch.utils.flop_counter import FlopCounterMode
+    module = load_script(script)
+    sized = {'d': width} if width and hasattr(module, 'd') else {}
+    G, D = module.Generator(**sized), module.Discriminator(**sized)
+    z = torch.randn(batch, module.z_dim)
+    labels = [torch.randint(0, module.N_CLASSES, (batch,))] if hasattr(module, 'N_CLASSES') else []
+    with FlopCounterMode(display=False) as counter:
+        fake = G(z, *labels)
+        (D(torch.randn_like(fake), *labels).sum() + D(fake.detach(), *labels).sum()).backward()
+        D(fake, *labels).sum().backward()
+    return counter.get_total_flops() / batch
+
+
+def measure_peaks(dtype, device, n_threads):
+    """(matmul, conv) GFLOP/s of this device in dtype: the best of several timed runs of each."""
+    torch.set_num_threads(n_threads)
+    a, b = (torch.randn(2048, 2048, device=device, dtype=dtype) for _ in range(2))
+    conv = torch.nn.Conv2d(256, 512, 4, 2, 1).to(device, dtype, memory_format=torch.channels_last)
+    x = torch.randn(128, 256, 16, 16, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    conv_flops = 2 * 128 * 512 * 8 * 8 * 256 * 4 * 4
+
+    def best_rate(work, flops):
+        with torch.no_grad():
+            work()
+            times = []
+            for _ in range(5):
+                common.synchronize(device)
+                start = time.perf_counter()
+                work()
+                common.synchronize(device)
+                times.append(time.perf_counter() - start)
+        return flops / min(times) / 1e9
+    return best_rate(lambda: a @ b, 2 * 2048 ** 3), best_rate(lambda: conv(x), conv_flops)
+
+
+def run_script(script, data_dir, results_dir, precision, n_threads, width, batch, device_name):
+    """The script's own images per second over its second epoch."""
+    module = load_script(script)
+    args = [f'--data_dir={data_dir}', f'--results_dir={results_dir}', '--train_epoch=2', '--resume=false',
+            f'--train_limit={batch * steps}', f'--batch_size={batch}', f'--precision={precision}',
+            f'--device={device_name}']
+    args += ['--quality_samples=0'] if hasattr(module, 'quality_samples') else []
+    args += [f'--d={width}'] if width and hasattr(module, 'd') else []
+    env = {**os.environ, 'OMP_NUM_THREADS': str(n_threads)}
+    result = subprocess.run([sys.executable, os.path.join(REPO, script), *args], env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        common.fail(f"{script} {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1]}")
+    with open(os.path.join(results_dir, f"{module.MODEL}_train_hist.json")) as f:
+        return json.load(f)['epochs'][-1]['images_per_second']
+
+
+def native_precisions(device):
+    if device.type == 'cuda':
+        return ['fp32', 'bf16', 'fp16'] if torch.cuda.is_bf16_supported(including_emulation=False) else ['fp32', 'fp16']
+    return ['fp32', 'bf16']
+
+
+def main():
+    run_device = common.pick_device(device)
+    names = [s.strip() for s in scripts.split(',') if s.strip()]
+    chosen = [p.strip() for p in precisions.split(',') if p.strip()] or native_precisions(run_device)
+    thread_counts = [1] if run_device.type != 'cpu' else [int(t) for t in threads.split(',')]
+    width, batch, rounds = (8, 16, 1) if smoke else (None, 128, repeats)
+    dtypes = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+    print(f"device: {run_device} ({describe(run_device)}); torch {torch.__version__}", flush=True)
+    peaks = {(p, n): measure_peaks(dtypes[p], run_device, n) for p in chosen for n in thread_counts}
+    flops = {s: flops_per_image(s, width, batch) for s in names}
+    rates = {(s, n, p): [] for s in names for n in thread_counts for p in chosen}
+    with tempfile.TemporaryDirectory() as work:
+        data = {'mnist': os.path.join(work, 'mnist'), 'celeba': os.path.join(work, 'faces')}
+        write_mnist(data['mnist'], batch * steps)
+        write_faces(data['celeba'], batch * steps)
+        for round_ in range(rounds):
+            for s in names:
+                for n in thread_counts:
+                    for p in chosen:
+                        rate = run_script(s, data[s.split('_')[0]], os.path.join(work, 'out'), p, n, width, batch,
+                                          str(run_device))
+                        rates[s, n, p].append(rate)
+                        print(f"round {round_ + 1}/{rounds}: {s}, {n} thread(s), {p}: {rate:.1f} img/s", flush=True)
+    table = report(names, thread_counts, chosen, rates, flops, peaks)
+    print(table)
+    if not smoke:
+        common.save_json({'device': describe(run_device), 'torch': torch.__version__, 'batch': batch, 'steps': steps,
+                          'rates': {f"{s} {n} {p}": r for (s, n, p), r in rates.items()},
+                          'flops_per_image': flops,
+                          'peaks_gflops': {f"{p} {n}": {'matmul': m, 'conv': c} for (p, n), (m, c) in peaks.items()},
+                          'table': table}, os.path.join(REPO, output))
+
+
+def describe(device):
+    if device.type == 'cuda':
+        return torch.cuda.get_device_name(device)
+    if device.type == 'cpu':
+        model = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
+                     'unknown CPU') if os.path.exists('/proc/cpuinfo') else 'unknown CPU'
+        return f"{model}, native bf16: {common.cpu_bf16_instructions() or 'none'}"
+    return device.type
+
+
+def report(names, thread_counts, chosen, rates, flops, peaks):
+    """A markdown table: one row per script, thread count and precision."""
+    rows = ["| experiment | threads | precision | img/s (median, min-max) | vs fp32 | s/epoch | GFLOP/img "
+            "| peak GFLOP/s (matmul, conv) | share of peak |", "|" + "---|" * 9]
+    for s in names:
+        conv = s not in ('mnist_gan.py', 'mnist_cgan.py')
+        for n in thread_counts:
+            fp32 = statistics.median(rates[s, n, 'fp32']) if 'fp32' in chosen else None
+            for p in chosen:
+                got = rates[s, n, p]
+                median = statistics.median(got)
+                matmul, conv_peak = peaks[p, n]
+                peak = conv_peak if conv else matmul
+                ratio = f"{median / fp32:.2f}x" if fp32 else ''
+                epoch = IMAGES_PER_EPOCH[s.split('_')[0]] / median
+                rows.append(f"| {s} | {n} | {p} | {median:.1f} ({min(got):.1f}-{max(got):.1f}) | {ratio} | {epoch:,.0f} "
+                            f"| {flops[s] / 1e9:.2f} | {matmul:.0f}, {conv_peak:.0f} "
+                            f"| {flops[s] * median / 1e9 / peak:.0%} of {'conv' if conv else 'matmul'} |")
+    return '\n'.join(rows)
+
+
+if __name__ == '__main__':
+    common.configure(globals())
+    main()
