@@ -33,10 +33,12 @@ stop_on_collapse = False              # when D wins outright: True stops trainin
 generate_from = 'last'                # --generate samples from the 'last' generator (no fid to pick a best)
 precision = 'auto'                    # auto (bf16 where this CPU or GPU runs it fast, else fp32), bf16, fp16, fp32
 channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
+sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
 compile = False                       # torch.compile G and D (a minute's start; not faster on the CPUs measured)
 
 MODEL = 'CelebA_cDCGAN'
 N_CLASSES = 2  # 0 = female, 1 = male: the order of the female/ and male/ folders
+BF16_BY_DEFAULT = True  # 'auto' precision may pick bf16: it trained the MNIST cDCGAN as fp32 does (README, Speed)
 
 
 def model_name():
@@ -139,8 +141,9 @@ def generate_samples(run_device):
     print(f"wrote {path}: {generate} samples of each gender, a female row and a male row with the same noise")
 
 
-def train(run_device):
-    ctx, scaler = common.mixed_precision(precision, run_device)
+def train(world):
+    run_device, rank_batch = world.device, batch_size // world.size  # each process's share of a batch
+    ctx, scaler = common.mixed_precision(precision, run_device, BF16_BY_DEFAULT)
     fmt = common.memory_format(channels_last)
     if img_size != 64:
         common.fail(f"img_size={img_size}: this cDCGAN's layers make 64x64 images; drop --img_size")
@@ -160,23 +163,24 @@ def train(run_device):
     common.save_grid(common.to_unit_range(real_examples(images, labels)), run.path('raw_CelebA.png'), nrow=4)
     first_epoch = run.start(lambda: fixed_inputs(run_device))
     fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
+    G, D = world.parallel(G), world.parallel(D)  # DistributedDataParallel under torchrun
     loss = nn.BCEWithLogitsLoss()
-    real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
-    ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
+    real_target = torch.full((rank_batch,), 1.0 - label_smoothing, device=run_device)
+    ones, zeros = torch.ones(rank_batch, device=run_device), torch.zeros(rank_batch, device=run_device)
     collapse = common.CollapseCheck(label_smoothing, stop_on_collapse)
 
     try:
         for epoch in range(first_epoch, train_epoch + 1):
             common.set_learning_rate((opt_G, opt_D), learning_rate(epoch))
             means = common.EpochMeans()
-            batches = common.shuffled_batches(len(images), batch_size, images.device)
+            batches = common.shuffled_batches(len(images), batch_size, images.device, seed, epoch)
             start = time.perf_counter()
             for index in common.progress(batches, f"epoch {epoch}"):
                 x, y = common.real_batch(images, index, run_device, fmt), labels[index].to(run_device)
-                fake_labels = torch.randint(0, N_CLASSES, (batch_size,), device=run_device)
+                fake_labels = torch.randint(0, N_CLASSES, (rank_batch,), device=run_device)
                 # update D: maximise log D(x|y) + log(1 - D(G(z|y')|y')), y' the fake labels
                 with ctx:
-                    fake = G(noise(batch_size, run_device), fake_labels)
+                    fake = G(noise(rank_batch, run_device), fake_labels)
                     d_real, d_fake = D(x, y), D(fake.detach(), fake_labels)
                     loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
                 opt_D.zero_grad(set_to_none=True)
@@ -199,8 +203,8 @@ def train(run_device):
             run.end_epoch(epoch, means.read(), seconds, batches.numel(), grids)
             if collapse.stops(run):
                 break
-    except KeyboardInterrupt:
-        run.interrupted()
+    except common.INTERRUPTIONS as cause:
+        run.interrupted(cause)
     # Written after the last epoch, and again by a rerun of a finished run, like the plot and the GIF.
     common.save_grid(common.sample(G_ema.module, fixed['morph_z'], fixed['morph_labels']),
                      run.path(f"{run.name}_morp.png"), nrow=10)
@@ -211,9 +215,9 @@ if __name__ == '__main__':
     common.configure(globals())
     data_dir = data_dir or common.celeba_folder(isCrop)
     results_dir = results_dir or f"{model_name()}_results"
-    run_device = common.pick_device(device)
+    world = common.World(device, batch_size, generate, sync_batchnorm)  # one process, or torchrun's
     torch.manual_seed(seed)
     if generate:
-        generate_samples(run_device)
+        generate_samples(world.device)
     else:
-        train(run_device)
+        train(world)

@@ -32,9 +32,11 @@ stop_on_collapse = False              # when D wins outright: True stops trainin
 generate_from = 'last'                # --generate samples from the 'last' generator (no fid to pick a best)
 precision = 'auto'                    # auto (bf16 where this CPU or GPU runs it fast, else fp32), bf16, fp16, fp32
 channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
+sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
 compile = False                       # torch.compile G and D (a minute's start; not faster on the CPUs measured)
 
 MODEL = 'CelebA_DCGAN'
+BF16_BY_DEFAULT = True  # 'auto' precision may pick bf16: it trained the MNIST cDCGAN as fp32 does (README, Speed)
 
 
 def model_name():
@@ -99,8 +101,9 @@ def generate_samples(run_device):
     print(f"wrote {path}: {generate} samples")
 
 
-def train(run_device):
-    ctx, scaler = common.mixed_precision(precision, run_device)
+def train(world):
+    run_device, rank_batch = world.device, batch_size // world.size  # each process's share of a batch
+    ctx, scaler = common.mixed_precision(precision, run_device, BF16_BY_DEFAULT)
     fmt = common.memory_format(channels_last)
     if img_size != 64:
         common.fail(f"img_size={img_size}: this DCGAN's layers make 64x64 images; drop --img_size")
@@ -121,22 +124,23 @@ def train(run_device):
     common.save_grid(common.to_unit_range(real), run.path('raw_CelebA.png'), nrow=5)
     first_epoch = run.start(lambda: {'z': noise(25, run_device)})
     fixed_z = run.fixed['z'].to(run_device)
+    G, D = world.parallel(G), world.parallel(D)  # DistributedDataParallel under torchrun
     loss = nn.BCEWithLogitsLoss()
-    real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
-    ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
+    real_target = torch.full((rank_batch,), 1.0 - label_smoothing, device=run_device)
+    ones, zeros = torch.ones(rank_batch, device=run_device), torch.zeros(rank_batch, device=run_device)
     collapse = common.CollapseCheck(label_smoothing, stop_on_collapse)
 
     try:
         for epoch in range(first_epoch, train_epoch + 1):
             common.set_learning_rate((opt_G, opt_D), learning_rate(epoch))
             means = common.EpochMeans()
-            batches = common.shuffled_batches(len(images), batch_size, images.device)
+            batches = common.shuffled_batches(len(images), batch_size, images.device, seed, epoch)
             start = time.perf_counter()
             for index in common.progress(batches, f"epoch {epoch}"):
                 x = common.real_batch(images, index, run_device, fmt)
                 # update D: maximise log D(x) + log(1 - D(G(z)))
                 with ctx:
-                    fake = G(noise(batch_size, run_device))
+                    fake = G(noise(rank_batch, run_device))
                     d_real, d_fake = D(x), D(fake.detach())
                     loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
                 opt_D.zero_grad(set_to_none=True)
@@ -159,8 +163,8 @@ def train(run_device):
             run.end_epoch(epoch, means.read(), seconds, batches.numel(), grids)
             if collapse.stops(run):
                 break
-    except KeyboardInterrupt:
-        run.interrupted()
+    except common.INTERRUPTIONS as cause:
+        run.interrupted(cause)
     run.finish()
 
 
@@ -168,9 +172,9 @@ if __name__ == '__main__':
     common.configure(globals())
     data_dir = data_dir or common.celeba_folder(isCrop)
     results_dir = results_dir or f"{model_name()}_results"
-    run_device = common.pick_device(device)
+    world = common.World(device, batch_size, generate, sync_batchnorm)  # one process, or torchrun's
     torch.manual_seed(seed)
     if generate:
-        generate_samples(run_device)
+        generate_samples(world.device)
     else:
-        train(run_device)
+        train(world)

@@ -2,13 +2,18 @@
 
 Nothing here is a model or a training step; each script keeps its own.
 """
+import atexit
 import contextlib
+import datetime
 import gzip
+import inspect
 import json
 import math
 import os
+import signal
 import struct
 import sys
+import time
 import tokenize
 
 import torch
@@ -16,9 +21,15 @@ import torch
 
 # ---------------------------------------------------------------- constants and overrides
 
-def fail(message, status=1):
-    """Stop with one line on stderr: the error and what to do about it."""
-    print(f"error: {message}", file=sys.stderr)
+def fail(message, status=1, every_rank=False):
+    """Stop with one line on stderr: the error and what to do about it.
+
+    Under torchrun every process meets the same bad input, so rank 0 alone says it, unless the trouble
+    is this process's own (every_rank), and then the line names the rank.
+    """
+    if every_rank or rank() == 0:
+        where = f"rank {rank()}: " if every_rank and world_size() > 1 else ""
+        print(f"error: {where}{message}", file=sys.stderr, flush=True)
     raise SystemExit(status)
 
 
@@ -85,18 +96,21 @@ def configure(namespace, argv=None):
     return {name: namespace[name] for name in names}
 
 
-def pick_device(choice):
-    """'auto' means CUDA, else Apple's MPS, else the CPU. On CUDA, fp32 work may use TF32 and cuDNN picks
-    the fastest convolution for the (fixed) batch shape."""
+def pick_device(choice, local_rank=None):
+    """'auto' means CUDA, else Apple's MPS, else the CPU; under torchrun a process's GPU is its LOCAL_RANK's.
+    On CUDA, fp32 work may use TF32 and cuDNN picks the fastest convolution for the (fixed) batch shape."""
     if choice == 'auto':
-        device = torch.device('cuda' if torch.cuda.is_available() else
-                              'mps' if torch.backends.mps.is_available() else 'cpu')
-    else:
-        try:
-            device = torch.device(choice)
-            torch.empty(1, device=device)
-        except (RuntimeError, AssertionError) as e:
-            fail(f"device {choice!r} is not usable here ({str(e).splitlines()[0]}); use --device=auto or cpu")
+        choice = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    if local_rank is not None and choice.startswith('cuda'):
+        if choice != 'cuda':
+            fail(f"--device={choice}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                 f"use --device=cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs", 2)
+        choice = f'cuda:{local_rank}'
+    try:
+        device = torch.device(choice)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        fail(f"device {choice!r} is not usable here ({str(e).splitlines()[0]}); use --device=auto or cpu")
     if device.type == 'cuda':
         torch.backends.cuda.matmul.fp32_precision = 'tf32'
         torch.backends.cudnn.conv.fp32_precision = 'tf32'
@@ -116,10 +130,13 @@ def cpu_bf16_instructions():
     return None
 
 
-def choose_precision(choice, device):
-    """(autocast dtype or None for fp32, why) for a --precision choice on device."""
+def choose_precision(choice, device, bf16_by_default=True):
+    """(autocast dtype or None for fp32, why) for a --precision choice on device. bf16_by_default=False
+    (a model whose quality bf16 was seen to change) keeps 'auto' at fp32."""
     if choice not in PRECISIONS:
         fail(f"--precision={choice}: choose one of {', '.join(PRECISIONS)}", 2)
+    if choice == 'auto' and not bf16_by_default:
+        return None, "this model trains in fp32 unless asked (--precision=bf16): see the README's Speed section"
     if device.type == 'cuda':
         gpu = torch.cuda.get_device_name(device)
         has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
@@ -142,11 +159,11 @@ def choose_precision(choice, device):
     return {'bf16': torch.bfloat16, 'fp16': torch.float16, 'fp32': None}[choice], "as asked"
 
 
-def mixed_precision(choice, device):
+def mixed_precision(choice, device, bf16_by_default=True):
     """The autocast context for the forward passes and the GradScaler of a --precision choice; prints which
     device and precision the run uses and why. Weights, optimizer states and losses stay fp32; fp16
     scales the losses so small gradients do not underflow (bf16 has fp32's range and needs no scaling)."""
-    dtype, why = choose_precision(choice, device)
+    dtype, why = choose_precision(choice, device, bf16_by_default)
     name = {torch.bfloat16: 'bf16', torch.float16: 'fp16', None: 'fp32'}[dtype]
     print(f"{device}, {name}{' autocast' if dtype else ''}: {why}", flush=True)
     try:
@@ -170,6 +187,108 @@ def compile_models(*models):
     """torch.compile each model in place, so its state_dict keeps its names (no _orig_mod. prefix)."""
     for model in models:
         model.compile()
+
+
+# ---------------------------------------------------------------- several processes (torchrun)
+
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=3)  # a collective waiting this long means a process is stuck
+
+
+class Stopped(Exception):
+    """SIGTERM: a job scheduler stopping the run, or torchrun stopping it after another process failed."""
+
+
+def raise_stopped(signum, frame):
+    raise Stopped()
+
+
+# What ends a training loop early but keeps its last checkpoint: Ctrl-C, SIGTERM, and under torchrun a
+# failed collective (a RuntimeError: another process died or stopped answering).
+INTERRUPTIONS = (KeyboardInterrupt, Stopped, RuntimeError)
+
+
+def rank():
+    """This process's rank under torchrun (from its environment until the process group starts), else 0."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else int(os.environ.get('RANK', 0))
+
+
+def world_size():
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def writes_files():
+    """Whether this process writes outputs: the only one, or rank 0 of torchrun's."""
+    return rank() == 0
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def from_rank0(flag):
+    """rank 0's flag on every rank, so that all stop together."""
+    if not torch.distributed.is_initialized():
+        return flag
+    decision = torch.tensor([int(flag)], device=torch.device('cuda', torch.cuda.current_device())
+                            if torch.distributed.get_backend() == 'nccl' else 'cpu')
+    torch.distributed.broadcast(decision, src=0)
+    return bool(decision.item())
+
+
+class World:
+    """This process's place among the processes torchrun started (RANK, WORLD_SIZE, LOCAL_RANK), or a world
+    of one process when started with python.
+
+    Each process trains on its share (batch_size / size) of every global batch, and DistributedDataParallel
+    averages the gradients over the processes, so the global batch, the lr and the schedule stay the
+    experiment's and every process holds the same weights. NCCL joins GPUs, one per process; gloo CPUs.
+    """
+
+    def __init__(self, device_choice, batch_size, generate=0, sync_batchnorm=False):
+        self.rank, self.size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+        self.sync_batchnorm = sync_batchnorm
+        signal.signal(signal.SIGTERM, raise_stopped)
+        if self.size == 1:
+            self.device = pick_device(device_choice)
+            return
+        if self.rank:  # every process runs the same code: one of them speaks and shows the progress bar
+            sys.stdout = open(os.devnull, 'w')
+        self.device = pick_device(device_choice, local_rank=int(os.environ.get('LOCAL_RANK', 0)))
+        if generate:
+            fail("--generate samples in one process: run it with python, not torchrun", 2)
+        if batch_size % self.size:
+            fail(f"batch_size={batch_size} does not split over {self.size} processes: use a number of processes "
+                 f"that divides it, or another --batch_size", 2)
+        if self.device.type not in ('cuda', 'cpu'):
+            fail(f"--device={device_choice}: torchrun runs on CUDA GPUs (NCCL) or CPUs (gloo); use cuda or cpu", 2)
+        if sync_batchnorm and self.device.type != 'cuda':
+            fail("--sync_batchnorm=True needs GPUs: gloo, the CPUs' backend, cannot run SyncBatchNorm", 2)
+        cuda = self.device.type == 'cuda'
+        if cuda:
+            torch.cuda.set_device(self.device)
+        torch.distributed.init_process_group('nccl' if cuda else 'gloo', timeout=PROCESS_GROUP_TIMEOUT,
+                                             device_id=self.device if cuda else None)
+        atexit.register(torch.distributed.destroy_process_group)
+
+    def parallel(self, model):
+        """model in DistributedDataParallel when there are several processes, else model itself.
+
+        broadcast_buffers=False: D runs on the real and on the fake batch before one backward, and
+        DDP's default re-broadcast of BatchNorm's running statistics at the second forward would
+        modify in place a tensor the first one saved for backward. So each process keeps BatchNorm
+        statistics of its own share (training normalises by the batch's own statistics either way),
+        unless sync_batchnorm computes them over the global batch (GPUs only).
+        """
+        if self.size == 1:
+            return model
+        if self.sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        DDP = torch.nn.parallel.DistributedDataParallel
+        # torch 2.15 renamed the option; the weights and buffers start equal in every process either way.
+        rank_local_buffers = {('forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters
+                               else 'broadcast_buffers'): False}
+        return DDP(model, device_ids=[self.device] if self.device.type == 'cuda' else None, **rank_local_buffers)
 
 
 # ---------------------------------------------------------------- MNIST
@@ -207,7 +326,9 @@ def load_mnist(data_dir, train=True):
     raw_dir = os.path.join(data_dir, 'MNIST', 'raw')
     names = MNIST_FILES[train]
     if any(_find_idx(raw_dir, n) is None for n in names):
-        _download_mnist(data_dir, raw_dir)
+        if writes_files():  # under torchrun rank 0 downloads while the others wait
+            _download_mnist(data_dir, raw_dir)
+        barrier()
     try:
         images, labels = (read_idx(_find_idx(raw_dir, n)) for n in names)
     except (OSError, ValueError, RuntimeError) as e:
@@ -273,10 +394,15 @@ def real_batch(images_uint8, index, device, memory_format=torch.contiguous_forma
 
 # ---------------------------------------------------------------- training plumbing
 
-def shuffled_batches(n, batch_size, device):
-    """Index tensors of a fresh random permutation, full batches only (BatchNorm needs > 1)."""
-    order = torch.randperm(n, device=device)
-    return order[:n // batch_size * batch_size].view(-1, batch_size)
+def shuffled_batches(n, batch_size, device, seed, epoch):
+    """This process's share of every full batch (BatchNorm needs > 1) of epoch's permutation of range(n).
+
+    The permutation is drawn from (seed, epoch) alone, so every process of a torchrun agrees on it, a
+    resumed run draws the one it would have, and each epoch gets a fresh one.
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(hash((seed, epoch)))).to(device)
+    batches = order[:n // batch_size * batch_size].view(-1, batch_size)
+    return batches.tensor_split(world_size(), dim=1)[rank()]
 
 
 @torch.no_grad()
@@ -315,6 +441,8 @@ def save_grid(images, path, nrow, label=None):
     """Save images in [-1, 1] as one grid PNG, with an optional caption strip below it."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid, save_image
+    if not writes_files():
+        return
     os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
     if label is None:
@@ -330,6 +458,8 @@ def save_grid(images, path, nrow, label=None):
 
 def save_animation(frame_paths, gif_path, seconds_per_frame=0.5):
     import imageio.v2 as imageio
+    if not writes_files():
+        return
     frames = [imageio.imread(p) for p in frame_paths]
     imageio.mimsave(gif_path, frames, duration=seconds_per_frame, loop=0)
 
@@ -337,6 +467,8 @@ def save_animation(frame_paths, gif_path, seconds_per_frame=0.5):
 def plot_curves(history, panels, path):
     """Per-epoch curves side by side: panels is [(y label, [history keys], y scale), ...]."""
     import matplotlib
+    if not writes_files():
+        return
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     epochs = [h['epoch'] for h in history]
@@ -355,7 +487,10 @@ def plot_curves(history, panels, path):
 
 
 def atomic_write(path, write):
-    """Call write(temp_path), then move the result into place: a reader never sees half a file."""
+    """Call write(temp_path), then move the result into place: a reader never sees half a file.
+    Under torchrun only rank 0 writes."""
+    if not writes_files():
+        return
     temp = f"{path}.tmp{os.getpid()}"
     try:
         write(temp)
@@ -434,9 +569,11 @@ class EpochMeans:
         self.steps += 1
 
     def read(self):
-        """{name: mean over the epoch's steps} as Python floats, in one transfer from the device."""
-        means = torch.stack(list(self.sums.values())).div(self.steps).tolist()
-        return dict(zip(self.sums, means))
+        """{name: mean over the epoch's steps of every process} as Python floats, in one transfer."""
+        sums = torch.stack(list(self.sums.values()))
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        return dict(zip(self.sums, sums.div(self.steps * world_size()).tolist()))
 
 
 def bce_floor(label_smoothing):
@@ -478,7 +615,16 @@ class CollapseCheck:
             going = "stopping (stop_on_collapse)" if self.stop else "going on"
             kept = f" The best generator stays in {run.best_generator_path()}" if best else ""
             print(f"COLLAPSE at epoch {last['epoch']}: {'; '.join(signs)}; {going}.{kept}", flush=True)
-        return bool(signs) and self.stop
+        return from_rank0(bool(signs) and self.stop)  # rank 0's scores decide, so every process stops
+
+
+def gather(obj):
+    """[obj of each process] of a torchrun, in rank order; [obj] for a single process."""
+    if not torch.distributed.is_initialized():
+        return [obj]
+    objects = [None] * world_size()
+    torch.distributed.all_gather_object(objects, obj)
+    return objects
 
 
 def constants(namespace):
@@ -511,13 +657,20 @@ class Run:
         self.history = []
         self.fixed = {}
         self.checkpoint_path = os.path.join(self.dir, 'checkpoint.pt')
-        os.makedirs(self.dir, exist_ok=True)
+        if writes_files():
+            os.makedirs(self.dir, exist_ok=True)
 
     def path(self, *parts):
         return os.path.join(self.dir, *parts)
 
     def start(self, make_fixed_inputs):
-        """The first epoch to train: 1, or the one after the checkpoint's when resuming."""
+        """The first epoch to train: 1, or the one after the checkpoint's when resuming.
+
+        Called once the models are made, from the same seed in every process, so all start alike; from
+        here each process of a torchrun draws its own noise (rank 0 the stream a single process draws).
+        """
+        if rank():
+            torch.manual_seed(hash((self.config['seed'], rank())))
         if self.config['resume'] and os.path.exists(self.checkpoint_path):
             return self._restore()
         self.fixed = make_fixed_inputs()
@@ -542,10 +695,16 @@ class Run:
             self.scaler.load_state_dict(state['scaler'])
         self.history = state['history']
         self.fixed = state['fixed']
-        torch.set_rng_state(state['rng']['cpu'])
-        if torch.cuda.is_available() and state['rng']['cuda']:
-            torch.cuda.set_rng_state_all(state['rng']['cuda'])
         epoch = state['epoch']
+        streams = state['rng']  # one per process of the run that saved it
+        if len(streams) == world_size():
+            torch.set_rng_state(streams[rank()]['cpu'])
+            if torch.cuda.is_available() and streams[rank()]['cuda'] is not None:
+                torch.cuda.set_rng_state(streams[rank()]['cuda'])
+        else:
+            torch.manual_seed(hash((self.config['seed'], rank(), epoch)))
+            print(f"{self.checkpoint_path} was saved by {len(streams)} process(es) and this run has {world_size()}: "
+                  f"it resumes with new random streams, so its noise differs from an uninterrupted run's")
         if epoch >= self.config['train_epoch']:
             print(f"{self.dir}: already trained {epoch} epochs; rebuilding the final outputs "
                   f"(raise --train_epoch to train on)")
@@ -557,14 +716,15 @@ class Run:
         """Record a finished epoch: check it, print its line, save grids, weights, history and checkpoint.
 
         scores: the epoch's named means and quality scores, e.g. {'loss_d': ..., 'fid': ...};
-        grids: {path: (images, columns)}, captioned "Epoch N".
+        grids: {path: (images, columns)}, captioned "Epoch N"; n_images: this process's, of all processes'.
+        Under torchrun rank 0 writes while the others wait.
         """
         bad = [k for k, v in scores.items() if not math.isfinite(v)]
         if bad:
             kept = f"the checkpoint of epoch {epoch - 1} is kept in {self.dir}" if epoch > 1 else "no epoch was saved"
             fail(f"epoch {epoch}: {', '.join(bad)} became {scores[bad[0]]}; training diverged and {kept}; "
                  f"try a lower --lr")
-        stats = {'epoch': epoch, **scores, 'seconds': seconds, 'images_per_second': n_images / seconds}
+        stats = {'epoch': epoch, **scores, 'seconds': seconds, 'images_per_second': n_images * world_size() / seconds}
         self.history.append(stats)
         named = ''.join(f", {name}: {value:.3f}" for name, value in scores.items())
         print(f"[{epoch}/{self.config['train_epoch']}] - ptime: {seconds:.2f}{named}, "
@@ -579,9 +739,10 @@ class Run:
                  'models': {n: m.state_dict() for n, m in self.models.items()},
                  'optimizers': {n: o.state_dict() for n, o in self.optimizers.items()},
                  'scaler': self.scaler.state_dict() if self.scaler is not None else {},
-                 'rng': {'cpu': torch.get_rng_state(),
-                         'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
+                 'rng': gather({'cpu': torch.get_rng_state(),
+                                'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None})}
         atomic_write(self.checkpoint_path, lambda t: torch.save(state, t))
+        barrier()
 
     def best(self):
         """The history entry of the lowest best_by score, or None where none is measured."""
@@ -625,10 +786,18 @@ class Run:
             print(f"best generator: epoch {best['epoch']}, {self.best_by} {best[self.best_by]:.2f}, "
                   f"in {self.best_generator_path()}")
 
-    def interrupted(self):
+    def interrupted(self, cause):
+        """Stop on one of INTERRUPTIONS with one line: what stopped the run and what is saved."""
         done = self.history[-1]['epoch'] if self.history else 0
-        fail(f"interrupted; {self.checkpoint_path} holds epoch {done}. "
-             f"Run the same command again to resume", 130)
+        saved = f"{self.checkpoint_path} holds epoch {done}. Run the same command again to resume"
+        if isinstance(cause, KeyboardInterrupt):
+            fail(f"interrupted; {saved}", 130)
+        if isinstance(cause, Stopped):
+            fail(f"stopped by SIGTERM; {saved}", 143, every_rank=True)
+        if world_size() == 1:  # a RuntimeError of one process is a bug to see in full
+            raise cause
+        fail(f"stopped: {type(cause).__name__}: {str(cause).splitlines()[0]} (if another process of this run "
+             f"failed, its own output says why); {saved}", 1, every_rank=True)
 
 
 # ---------------------------------------------------------------- CelebA images
@@ -667,9 +836,11 @@ def image_folder_tensor(folder, size, command):
         fail(f"{folder}/ is missing or has no class folders of images; make it with: {command}")
     data_path = os.path.normpath(folder) + '.u8'
     index = {'fingerprint': fingerprint, 'shape': [len(paths), 3, size, size]}
-    if not cache_is_current(index, data_path):
+    if not cache_is_current(index, data_path) and writes_files():
         decode_into(data_path, paths, index['shape'], folder, command)
         save_json(index, data_path + '.json')  # last: a cache without its index is never trusted
+    while not cache_is_current(index, data_path):  # under torchrun: rank 0 decodes, for minutes on all of CelebA
+        time.sleep(1)
     images = torch.from_file(data_path, shared=False, size=math.prod(index['shape']), dtype=torch.uint8)
     return images.view(index['shape']), labels, classes
 

@@ -31,11 +31,13 @@ quality_samples = 2000                # samples scored after each epoch (fid, cl
 collapse_factor = 4.0                 # an epoch whose fid is over this times the best is reported as a collapse
 stop_on_collapse = False              # on a collapse: True stops training, False goes on; the best G is kept
 generate_from = 'best'                # --generate samples from the 'best' generator by fid, or the 'last'
-precision = 'auto'                    # auto (bf16 where this CPU or GPU runs it fast, else fp32), bf16, fp16, fp32
+precision = 'auto'                    # auto (here fp32: see BF16_BY_DEFAULT), bf16, fp16, fp32
+sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
 compile = False                       # torch.compile G and D (a minute's start; not faster on the CPUs measured)
 
 MODEL = 'MNIST_cGAN'
 N_CLASSES = 10
+BF16_BY_DEFAULT = False  # 'auto' precision stays fp32: bf16 changed this model's training here (README, Speed)
 
 
 def noise(n, device):
@@ -111,8 +113,9 @@ def generate_samples(run_device):
     print(f"wrote {path}: {generate} samples of each digit, one row per digit")
 
 
-def train(run_device):
-    ctx, scaler = common.mixed_precision(precision, run_device)
+def train(world):
+    run_device, rank_batch = world.device, batch_size // world.size  # each process's share of a batch
+    ctx, scaler = common.mixed_precision(precision, run_device, BF16_BY_DEFAULT)
     images, labels = common.load_training_set(data_dir, img_size, train_limit, batch_size, run_device)
 
     G, D = Generator(z_dim, img_size).to(run_device), Discriminator(img_size).to(run_device)
@@ -131,23 +134,24 @@ def train(run_device):
     common.save_grid(common.to_unit_range(images[:100]), run.path('raw_MNIST.png'), nrow=10)
     first_epoch = run.start(lambda: fixed_inputs(run_device))
     fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
+    G, D = world.parallel(G), world.parallel(D)  # DistributedDataParallel under torchrun
     loss = nn.BCEWithLogitsLoss()
-    real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
-    ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
+    real_target = torch.full((rank_batch,), 1.0 - label_smoothing, device=run_device)
+    ones, zeros = torch.ones(rank_batch, device=run_device), torch.zeros(rank_batch, device=run_device)
     collapse = common.CollapseCheck(label_smoothing, stop_on_collapse, collapse_factor)
 
     try:
         for epoch in range(first_epoch, train_epoch + 1):
             common.set_learning_rate((opt_G, opt_D), learning_rate(epoch))
             means = common.EpochMeans()
-            batches = common.shuffled_batches(len(images), batch_size, run_device)
+            batches = common.shuffled_batches(len(images), batch_size, run_device, seed, epoch)
             start = time.perf_counter()
             for index in common.progress(batches, f"epoch {epoch}"):
                 x, y = common.real_batch(images, index, run_device), labels[index]
-                fake_labels = torch.randint(0, N_CLASSES, (batch_size,), device=run_device)
+                fake_labels = torch.randint(0, N_CLASSES, (rank_batch,), device=run_device)
                 # update D: maximise log D(x|y) + log(1 - D(G(z|y')|y')), y' the fake labels
                 with ctx:
-                    fake = G(noise(batch_size, run_device), fake_labels)
+                    fake = G(noise(rank_batch, run_device), fake_labels)
                     d_real, d_fake = D(x, y), D(fake.detach(), fake_labels)
                     loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
                 opt_D.zero_grad(set_to_none=True)
@@ -172,8 +176,8 @@ def train(run_device):
             run.end_epoch(epoch, {**means.read(), **scores}, seconds, batches.numel(), grids)
             if collapse.stops(run):
                 break
-    except KeyboardInterrupt:
-        run.interrupted()
+    except common.INTERRUPTIONS as cause:
+        run.interrupted(cause)
     if quality:
         quality.plot(run.history, run.path(f"{MODEL}_quality.png"))
     run.finish()
@@ -181,9 +185,9 @@ def train(run_device):
 
 if __name__ == '__main__':
     common.configure(globals())
-    run_device = common.pick_device(device)
+    world = common.World(device, batch_size, generate, sync_batchnorm)  # one process, or torchrun's
     torch.manual_seed(seed)
     if generate:
-        generate_samples(run_device)
+        generate_samples(world.device)
     else:
-        train(run_device)
+        train(world)

@@ -214,7 +214,7 @@ def train(run_device):
         model.train()
         loss_sum = torch.zeros((), device=run_device)  # read once per epoch, not per step
         start = time.perf_counter()
-        batches = common.shuffled_batches(len(images), batch_size, run_device)
+        batches = common.shuffled_batches(len(images), batch_size, run_device, seed, epoch)
         for index in common.progress(batches, f"epoch {epoch}"):
             loss = F.cross_entropy(model(images[index]), labels[index])
             optimizer.zero_grad(set_to_none=True)

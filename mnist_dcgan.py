@@ -33,9 +33,11 @@ stop_on_collapse = False              # on a collapse: True stops training, Fals
 generate_from = 'best'                # --generate samples from the 'best' generator by fid, or the 'last'
 precision = 'auto'                    # auto (bf16 where this CPU or GPU runs it fast, else fp32), bf16, fp16, fp32
 channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
+sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
 compile = False                       # torch.compile G and D (a minute's start; not faster on the CPUs measured)
 
 MODEL = 'MNIST_DCGAN'
+BF16_BY_DEFAULT = True  # 'auto' precision may pick bf16: it trained the MNIST cDCGAN as fp32 does (README, Speed)
 
 
 def noise(n, device):
@@ -91,8 +93,9 @@ def generate_samples(run_device):
     print(f"wrote {path}: {generate} samples")
 
 
-def train(run_device):
-    ctx, scaler = common.mixed_precision(precision, run_device)
+def train(world):
+    run_device, rank_batch = world.device, batch_size // world.size  # each process's share of a batch
+    ctx, scaler = common.mixed_precision(precision, run_device, BF16_BY_DEFAULT)
     fmt = common.memory_format(channels_last)
     if img_size != 64:
         common.fail(f"img_size={img_size}: this DCGAN's layers make 64x64 images; drop --img_size")
@@ -116,22 +119,23 @@ def train(run_device):
     first_epoch = run.start(lambda: {'z': noise(25, run_device),
                                      'quality_z': noise(quality_samples, run_device)})
     fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
+    G, D = world.parallel(G), world.parallel(D)  # DistributedDataParallel under torchrun
     common.set_learning_rate((opt_G, opt_D), lr)  # over a resumed optimizer's, so --lr applies
     loss = nn.BCEWithLogitsLoss()
-    real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
-    ones, zeros = torch.ones(batch_size, device=run_device), torch.zeros(batch_size, device=run_device)
+    real_target = torch.full((rank_batch,), 1.0 - label_smoothing, device=run_device)
+    ones, zeros = torch.ones(rank_batch, device=run_device), torch.zeros(rank_batch, device=run_device)
     collapse = common.CollapseCheck(label_smoothing, stop_on_collapse, collapse_factor)
 
     try:
         for epoch in range(first_epoch, train_epoch + 1):
             means = common.EpochMeans()
-            batches = common.shuffled_batches(len(images), batch_size, run_device)
+            batches = common.shuffled_batches(len(images), batch_size, run_device, seed, epoch)
             start = time.perf_counter()
             for index in common.progress(batches, f"epoch {epoch}"):
                 x = common.real_batch(images, index, run_device, fmt)
                 # update D: maximise log D(x) + log(1 - D(G(z)))
                 with ctx:
-                    fake = G(noise(batch_size, run_device))
+                    fake = G(noise(rank_batch, run_device))
                     d_real, d_fake = D(x), D(fake.detach())
                     loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
                 opt_D.zero_grad(set_to_none=True)
@@ -156,8 +160,8 @@ def train(run_device):
             run.end_epoch(epoch, {**means.read(), **scores}, seconds, batches.numel(), grids)
             if collapse.stops(run):
                 break
-    except KeyboardInterrupt:
-        run.interrupted()
+    except common.INTERRUPTIONS as cause:
+        run.interrupted(cause)
     if quality:
         quality.plot(run.history, run.path(f"{MODEL}_quality.png"))
     run.finish()
@@ -165,9 +169,9 @@ def train(run_device):
 
 if __name__ == '__main__':
     common.configure(globals())
-    run_device = common.pick_device(device)
+    world = common.World(device, batch_size, generate, sync_batchnorm)  # one process, or torchrun's
     torch.manual_seed(seed)
     if generate:
-        generate_samples(run_device)
+        generate_samples(world.device)
     else:
-        train(run_device)
+        train(world)

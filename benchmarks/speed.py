@@ -6,8 +6,8 @@ Smoke:  python benchmarks/speed.py --smoke=True    (tiny models, one run each: c
 Each measurement runs a training script itself, as a user would, for two epochs of `steps` batches
 on synthetic data in the real formats (random digits in IDX files, random faces as JPEGs): the
 first epoch warms up, and the second epoch's images per second (the script's own timing of its
-training loop) is the measurement. Measurements are interleaved (script by script, thread count by
-thread count, precision by precision, then again `repeats` times), so a machine that speeds up or
+training loop) is the measurement. Measurements are interleaved (script by script, layout by layout,
+precision by precision, then again `repeats` times), so a machine that speeds up or
 slows down affects every column alike. FLOPs per image are counted with torch.utils.flop_counter
 over one generator and discriminator step of the script's own models; the peaks are a large matrix
 product and a DCGAN-sized convolution timed in each precision.
@@ -28,7 +28,7 @@ import common  # noqa: E402  (the repository root is put on the path first)
 
 scripts = 'mnist_gan.py,mnist_cgan.py,mnist_dcgan.py,mnist_cdcgan.py,celeba_dcgan.py,celeba_cdcgan.py'  # comma-separated
 precisions = ''           # comma-separated; '' = those the device runs natively: fp32 and bf16 (and fp16 on CUDA)
-threads = '1,2'           # torch threads of each measurement on the CPU, comma-separated (one GPU ignores it)
+layouts = '1x1,1x2'       # processes x torch threads each, comma-separated: 2x1 is torchrun with 2 processes (CPU)
 repeats = 3               # interleaved rounds of every measurement
 steps = 1                 # batches per epoch: one warm-up epoch, then one timed epoch
 device = 'auto'           # auto (cuda, else mps, else cpu), cpu, cuda
@@ -111,16 +111,19 @@ def measure_peaks(dtype, device, n_threads):
     return best_rate(lambda: a @ b, 2 * 2048 ** 3), best_rate(lambda: conv(x), conv_flops)
 
 
-def run_script(script, data_dir, results_dir, precision, n_threads, width, batch, device_name):
-    """The script's own images per second over its second epoch."""
+def run_script(script, data_dir, results_dir, precision, layout, width, batch, device_name):
+    """The script's own images per second over its second epoch, of all its processes."""
     module = load_script(script)
     args = [f'--data_dir={data_dir}', f'--results_dir={results_dir}', '--train_epoch=2', '--resume=false',
             f'--train_limit={batch * steps}', f'--batch_size={batch}', f'--precision={precision}',
             f'--device={device_name}']
     args += ['--quality_samples=0'] if hasattr(module, 'quality_samples') else []
     args += [f'--d={width}'] if width and hasattr(module, 'd') else []
+    processes, n_threads = layout
     env = {**os.environ, 'OMP_NUM_THREADS': str(n_threads)}
-    result = subprocess.run([sys.executable, os.path.join(REPO, script), *args], env=env, capture_output=True, text=True)
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}']
+    command = [*(launcher if processes > 1 else [sys.executable]), os.path.join(REPO, script), '--', *args]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         common.fail(f"{script} {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1]}")
     with open(os.path.join(results_dir, f"{module.MODEL}_train_hist.json")) as f:
@@ -137,31 +140,32 @@ def main():
     run_device = common.pick_device(device)
     names = [s.strip() for s in scripts.split(',') if s.strip()]
     chosen = [p.strip() for p in precisions.split(',') if p.strip()] or native_precisions(run_device)
-    thread_counts = [1] if run_device.type != 'cpu' else [int(t) for t in threads.split(',')]
+    shapes = [tuple(int(n) for n in layout.split('x')) for layout in layouts.split(',')]
+    shapes = [(1, 1)] if run_device.type != 'cpu' else shapes  # one GPU
     width, batch, rounds = (8, 16, 1) if smoke else (None, 128, repeats)
     dtypes = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
     print(f"device: {run_device} ({describe(run_device)}); torch {torch.__version__}", flush=True)
-    peaks = {(p, n): measure_peaks(dtypes[p], run_device, n) for p in chosen for n in thread_counts}
+    peaks = {(p, n): measure_peaks(dtypes[p], run_device, n) for p in chosen for n in {k * t for k, t in shapes}}
     flops = {s: flops_per_image(s, width, batch) for s in names}
-    rates = {(s, n, p): [] for s in names for n in thread_counts for p in chosen}
+    rates = {(s, n, p): [] for s in names for n in shapes for p in chosen}
     with tempfile.TemporaryDirectory() as work:
         data = {'mnist': os.path.join(work, 'mnist'), 'celeba': os.path.join(work, 'faces')}
         write_mnist(data['mnist'], batch * steps)
         write_faces(data['celeba'], batch * steps)
         for round_ in range(rounds):
             for s in names:
-                for n in thread_counts:
+                for n in shapes:
                     for p in chosen:
                         rate = run_script(s, data[s.split('_')[0]], os.path.join(work, 'out'), p, n, width, batch,
                                           str(run_device))
                         rates[s, n, p].append(rate)
-                        print(f"round {round_ + 1}/{rounds}: {s}, {n} thread(s), {p}: {rate:.1f} img/s", flush=True)
-    table = report(names, thread_counts, chosen, rates, flops, peaks)
+                        print(f"round {round_ + 1}/{rounds}: {s}, {n[0]}x{n[1]}, {p}: {rate:.1f} img/s", flush=True)
+    table = report(names, shapes, chosen, rates, flops, peaks)
     print(table)
     if not smoke:
         common.save_json({'device': describe(run_device), 'torch': torch.__version__, 'batch': batch, 'steps': steps,
-                          'rates': {f"{s} {n} {p}": r for (s, n, p), r in rates.items()},
+                          'rates': {f"{s} {n[0]}x{n[1]} {p}": r for (s, n, p), r in rates.items()},
                           'flops_per_image': flops,
                           'peaks_gflops': {f"{p} {n}": {'matmul': m, 'conv': c} for (p, n), (m, c) in peaks.items()},
                           'table': table}, os.path.join(REPO, output))
@@ -177,22 +181,22 @@ def describe(device):
     return device.type
 
 
-def report(names, thread_counts, chosen, rates, flops, peaks):
-    """A markdown table: one row per script, thread count and precision."""
-    rows = ["| experiment | threads | precision | img/s (median, min-max) | vs fp32 | s/epoch | GFLOP/img "
+def report(names, shapes, chosen, rates, flops, peaks):
+    """A markdown table: one row per script, layout (processes x threads) and precision."""
+    rows = ["| experiment | processes x threads | precision | img/s (median, min-max) | vs fp32 | s/epoch | GFLOP/img "
             "| peak GFLOP/s (matmul, conv) | share of peak |", "|" + "---|" * 9]
     for s in names:
         conv = s not in ('mnist_gan.py', 'mnist_cgan.py')
-        for n in thread_counts:
+        for n in shapes:
             fp32 = statistics.median(rates[s, n, 'fp32']) if 'fp32' in chosen else None
             for p in chosen:
                 got = rates[s, n, p]
                 median = statistics.median(got)
-                matmul, conv_peak = peaks[p, n]
+                matmul, conv_peak = peaks[p, n[0] * n[1]]
                 peak = conv_peak if conv else matmul
                 ratio = f"{median / fp32:.2f}x" if fp32 else ''
                 epoch = IMAGES_PER_EPOCH[s.split('_')[0]] / median
-                rows.append(f"| {s} | {n} | {p} | {median:.1f} ({min(got):.1f}-{max(got):.1f}) | {ratio} | {epoch:,.0f} "
+                rows.append(f"| {s} | {n[0]}x{n[1]} | {p} | {median:.1f} ({min(got):.1f}-{max(got):.1f}) | {ratio} | {epoch:,.0f} "
                             f"| {flops[s] / 1e9:.2f} | {matmul:.0f}, {conv_peak:.0f} "
                             f"| {flops[s] * median / 1e9 / peak:.0%} of {'conv' if conv else 'matmul'} |")
     return '\n'.join(rows)

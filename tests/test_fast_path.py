@@ -37,6 +37,23 @@ def test_auto_picks_bf16_on_a_cpu_with_native_bf16_and_says_why(cpu_with, instru
     assert common.choose_precision('auto', CPU) == (torch.bfloat16, f"this CPU has {instructions}")
 
 
+def test_auto_stays_fp32_for_a_model_whose_training_bf16_changed(cpu_with, gpu_with):
+    cpu_with('AMX')
+    dtype, why = common.choose_precision('auto', CPU, bf16_by_default=False)
+    assert dtype is None and '--precision=bf16' in why
+    assert common.choose_precision('bf16', CPU, bf16_by_default=False)[0] is torch.bfloat16  # asked for: taken
+    gpu_with(True)
+    assert common.choose_precision('auto', CUDA, bf16_by_default=False)[0] is None
+
+
+@pytest.mark.parametrize('script, bf16_by_default', [('mnist_gan.py', False), ('mnist_cgan.py', False),
+                                                     ('mnist_dcgan.py', True), ('mnist_cdcgan.py', True),
+                                                     ('celeba_dcgan.py', True), ('celeba_cdcgan.py', True)])
+def test_each_script_states_whether_auto_may_pick_bf16(script, bf16_by_default):
+    import importlib
+    assert importlib.import_module(script.removesuffix('.py')).BF16_BY_DEFAULT is bf16_by_default
+
+
 def test_auto_stays_fp32_on_a_cpu_without_native_bf16(cpu_with):
     cpu_with(None)
     dtype, why = common.choose_precision('auto', CPU)
@@ -193,16 +210,15 @@ def test_a_real_batch_is_in_the_models_memory_format_and_range():
 # ---------------------------------------------------------------- the benchmark
 
 def test_the_benchmark_runs_in_smoke_mode_and_prints_its_table(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'speed.py'), '--smoke=True', '--threads=1',
-                             '--scripts=mnist_gan.py,celeba_cdcgan.py', '--precisions=fp32,bf16'],
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'speed.py'), '--smoke=True',
+                             '--layouts=1x1,2x1', '--scripts=celeba_cdcgan.py', '--precisions=fp32,bf16'],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'PATH': '/usr/bin:/bin'})
     assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith('| mnist_') or line.startswith('| celeba_')]
-    assert [row.split(' | ')[:3] for row in rows] == [['| mnist_gan.py', '1', 'fp32'], ['| mnist_gan.py', '1', 'bf16'],
-                                                      ['| celeba_cdcgan.py', '1', 'fp32'],
-                                                      ['| celeba_cdcgan.py', '1', 'bf16']]
+    rows = [line for line in result.stdout.splitlines() if line.startswith('| celeba_')]
+    assert [row.split(' | ')[1:3] for row in rows] == [['1x1', 'fp32'], ['1x1', 'bf16'],  # one process
+                                                       ['2x1', 'fp32'], ['2x1', 'bf16']]  # torchrun, 2 processes
     for row in rows:
         cells = row.strip('|').split('|')
         assert float(cells[3].split()[0]) > 0 and float(cells[6]) > 0  # img/s and GFLOP per image
-    assert rows[1].split(' | ')[4].endswith('x')  # bf16 against fp32
+    assert rows[1].split(' | ')[4].endswith('x') and rows[3].split(' | ')[4].endswith('x')  # bf16 against fp32
