@@ -34,7 +34,7 @@ generate_from = 'last'                # --generate samples from the 'last' gener
 precision = 'auto'                    # auto (bf16 where this CPU or GPU runs it fast, else fp32), bf16, fp16, fp32
 channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
 sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
-compile = False                       # torch.compile G and D (a minute's start; not faster on the CPUs measured)
+compile = False                       # torch.compile G and D (minutes to start; no clear gain measured here)
 
 MODEL = 'CelebA_cDCGAN'
 N_CLASSES = 2  # 0 = female, 1 = male: the order of the female/ and male/ folders

@@ -33,7 +33,7 @@ stop_on_collapse = False              # on a collapse: True stops training, Fals
 generate_from = 'best'                # --generate samples from the 'best' generator by fid, or the 'last'
 precision = 'auto'                    # auto (here fp32: see BF16_BY_DEFAULT), bf16, fp16, fp32
 sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
-compile = False                       # torch.compile G and D (a minute's start; not faster on the CPUs measured)
+compile = False                       # torch.compile G and D (minutes to start; no clear gain measured here)
 
 MODEL = 'MNIST_cGAN'
 N_CLASSES = 10

@@ -34,7 +34,7 @@ generate_from = 'best'                # --generate samples from the 'best' gener
 precision = 'auto'                    # auto (bf16 where this CPU or GPU runs it fast, else fp32), bf16, fp16, fp32
 channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
 sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
-compile = False                       # torch.compile G and D (a minute's start; not faster on the CPUs measured)
+compile = False                       # torch.compile G and D (minutes to start; no clear gain measured here)
 
 MODEL = 'MNIST_DCGAN'
 BF16_BY_DEFAULT = True  # 'auto' precision may pick bf16: it trained the MNIST cDCGAN as fp32 does (README, Speed)

@@ -31,7 +31,7 @@ collapse_factor = 4.0                 # an epoch whose fid is over this times th
 stop_on_collapse = False              # on a collapse: True stops training, False goes on; the best G is kept
 generate_from = 'best'                # --generate samples from the 'best' generator by fid, or the 'last'
 precision = 'auto'                    # auto (here fp32: see BF16_BY_DEFAULT), bf16, fp16, fp32
-compile = False                       # torch.compile G and D (a minute's start; not faster on the CPUs measured)
+compile = False                       # torch.compile G and D (minutes to start; no clear gain measured here)
 
 MODEL = 'MNIST_GAN'
 BF16_BY_DEFAULT = False  # 'auto' precision stays fp32: bf16 changed the cGAN's training here (README, Speed)
