@@ -122,7 +122,9 @@ def run_script(script, data_dir, results_dir, precision, layout, width, batch, d
     processes, n_threads = layout
     env = {**os.environ, 'OMP_NUM_THREADS': str(n_threads)}
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={processes}']
-    command = [*(launcher if processes > 1 else [sys.executable]), os.path.join(REPO, script), '--', *args]
+    # '--' ends torchrun's options (it would take --d=8 for one of its own); a plain python run needs none.
+    path = os.path.join(REPO, script)
+    command = [*launcher, path, '--', *args] if processes > 1 else [sys.executable, path, *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         common.fail(f"{script} {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1]}")
