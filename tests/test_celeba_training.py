@@ -12,28 +12,13 @@ import torch
 from PIL import Image
 
 import common
-from conftest import REPO, run_script
+from conftest import REPO, run_script, write_faces
 
 # script, model name, fixed grid columns, conditional
 SCRIPTS = [('celeba_dcgan.py', 'CelebA_DCGAN', 5, False), ('celeba_cdcgan.py', 'CelebA_cDCGAN', 4, True)]
 TINY = ['--d=8', '--batch_size=8', '--device=cpu']
 FACES = {'female': 24, 'male': 16}       # data/resized_celebA
 CROP_FACES = {'female': 12, 'male': 12}  # data/resized_celebA_crop
-COLOUR = {'female': 0, 'male': 2}        # female faces are mostly red, male ones mostly blue
-
-
-def write_faces(folder, counts, size=64, seed=0):
-    """counts[class] JPEGs in folder/class/, named as celeba_preprocess.py names them: smooth random
-    colour blotches over a strong red (female) or blue (male) channel, so a grid shows the gender."""
-    generator = torch.Generator().manual_seed(seed)
-    for cls, count in counts.items():
-        os.makedirs(os.path.join(folder, cls), exist_ok=True)
-        for i in range(count):
-            small = torch.rand(3, 8, 8, generator=generator) * 100
-            small[COLOUR[cls]] += 150
-            face = torch.nn.functional.interpolate(small[None], size=size, mode='bilinear')[0]
-            pixels = face.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-            Image.fromarray(pixels).save(os.path.join(folder, cls, f'{seed * 1000 + i:06d}.jpg'), quality=95)
 
 
 def grid_side(columns, side=64):
