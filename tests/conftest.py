@@ -1,5 +1,6 @@
 """Shared fixtures: the repository on sys.path, tiny MNIST files in the real IDX format, script runners."""
 import gzip
+import json
 import os
 import runpy
 import struct
@@ -8,8 +9,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.nn.modules.module import register_module_forward_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -40,7 +43,6 @@ COLOUR = {'female': 0, 'male': 2}  # female faces are mostly red, male ones most
 def write_faces(folder, counts, size=64, seed=0):
     """counts[class] JPEGs in folder/class/, named as celeba_preprocess.py names them: smooth random
     colour blotches over a strong red (female) or blue (male) channel, so a grid shows the gender."""
-    from PIL import Image
     generator = torch.Generator().manual_seed(seed)
     for cls, count in counts.items():
         os.makedirs(os.path.join(folder, cls), exist_ok=True)
@@ -105,13 +107,14 @@ class ModelCall:
 
 
 class ModelWatch:
-    """Records every call of any Generator or Discriminator (the scripts' class names) while active.
+    """Records every call of the scripts' models (by class name: Generator, Discriminator) while active.
 
-    keep_generator_states: also G's state_dict after each of its optimizer's steps, for checking the EMA.
+    roles: the classes to record; keep_generator_states: also G's state_dict after each of its optimizer's
+    steps, for checking the EMA.
     """
-    ROLES = ('Generator', 'Discriminator')
 
-    def __init__(self, keep_generator_states=False):
+    def __init__(self, roles=('Generator', 'Discriminator'), keep_generator_states=False):
+        self.roles = roles
         self.calls = []
         self.generator_states = []
         self.keep_generator_states = keep_generator_states
@@ -119,7 +122,7 @@ class ModelWatch:
 
     def _after(self, module, inputs, output):
         role = type(module).__name__
-        if role in self.ROLES:
+        if role in self.roles:
             training = self._training(module)
             self.calls.append(ModelCall(role, module, training, tuple(t.detach().clone() for t in inputs),
                                         output.detach().float().clone(), inputs[0].requires_grad))
@@ -147,3 +150,57 @@ class ModelWatch:
 
     def of(self, role, training=True):
         return [call for call in self.calls if call.role == role and call.training == training]
+
+
+# ---------------------------------------------------------------- comparing outputs
+
+def png_pixels(path, height=None):
+    """A written PNG as a uint8 (3, H, W) tensor; height keeps only the top rows (the grid above a caption)."""
+    with Image.open(path) as picture:
+        pixels = torch.from_numpy(np.array(picture.convert('RGB'))).permute(2, 0, 1)
+    return pixels[:, :height] if height else pixels
+
+
+def render(G, inputs, nrow):
+    """G's images for the inputs laid out as the README says a grid is: nrow per row, [-1, 1] as black to white."""
+    from torchvision.utils import make_grid
+    with torch.no_grad():
+        grid = make_grid(G(*inputs), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
+    return grid.mul(255).round().to(torch.uint8)
+
+
+def assert_same_picture(written, expected):
+    # Within 2 of 255 levels: the rounding of the PNG writer; any other image differs by far more.
+    assert written.shape == expected.shape
+    assert (written.int() - expected.int()).abs().max() <= 2
+
+
+def assert_same_run(out, straight, model):
+    """The history (less the timings), the saved weights and the checkpoint's models and optimizers are equal."""
+    timing = ('seconds', 'images_per_second')
+    resumed, uninterrupted = (json.loads((d / f'{model}_train_hist.json').read_text())['epochs']
+                              for d in (out, straight))
+    assert [{k: v for k, v in e.items() if k not in timing} for e in resumed] == \
+           [{k: v for k, v in e.items() if k not in timing} for e in uninterrupted]
+    for path in sorted(p.name for p in straight.glob('*.pt') if p.name != 'checkpoint.pt'):
+        a, b = (torch.load(d / path, weights_only=True) for d in (out, straight))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
+    a, b = (torch.load(d / 'checkpoint.pt', weights_only=True) for d in (out, straight))
+    assert a['epoch'] == b['epoch'] == 2
+    for part in ('models', 'optimizers', 'fixed'):
+        assert_equal_trees(a[part], b[part], part)
+
+
+def assert_equal_trees(a, b, where):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal_trees(a[key], b[key], f'{where}.{key}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_trees(x, y, f'{where}[{i}]')
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where
