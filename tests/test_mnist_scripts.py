@@ -4,6 +4,7 @@ import importlib
 import io
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 import common
-from conftest import REPO, ModelWatch, assert_same_picture, assert_same_run, png_pixels, render, \
+from conftest import OFFLINE, REPO, ModelWatch, assert_same_picture, assert_same_run, png_pixels, render, \
     run_in_process, run_script
 
 # script, model name, image side, grid columns, conditional, has a Random_results grid
@@ -293,11 +294,11 @@ def test_the_ema_changes_what_is_sampled_and_not_the_training(mnist_dir, tmp_pat
 
 
 def start_script(script, args, cwd):
-    env_script = [sys.executable, str(REPO / script), *args]
-    from conftest import OFFLINE
-    import os
-    return subprocess.Popen(env_script, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1'})
+    """Start a script as a user's shell would: with SIGINT at its default even if this runner ignores it (as
+    some launchers start it), since a Python started with SIGINT ignored never raises KeyboardInterrupt."""
+    return subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1'},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_checkpoint(process, checkpoint, timeout=120):
@@ -326,7 +327,12 @@ def test_a_killed_run_resumes_from_its_last_complete_epoch(mnist_dir, tmp_path, 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(mnist_dir, tmp_path):
     out = tmp_path / 'interrupted'
-    process = start_script('mnist_gan.py', tiny_args('mnist_gan.py', mnist_dir, out, 100), tmp_path)
+    # Started from a runner that ignores SIGINT, as some launchers do: the script must still get Ctrl-C.
+    runner_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process = start_script('mnist_gan.py', tiny_args('mnist_gan.py', mnist_dir, out, 100), tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, runner_handler)
     wait_for_checkpoint(process, out / 'checkpoint.pt')
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
