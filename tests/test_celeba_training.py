@@ -99,7 +99,8 @@ def sampled_on(trained, z):
 def gender_pairs(z_rows):
     """The README's gender layout: each row of noise twice, as a female row (0) then a male row (1)."""
     rows, columns, _ = z_rows.shape
-    return z_rows.repeat_interleave(2, dim=0).flatten(0, 1), torch.tensor([0, 1]).repeat(rows).repeat_interleave(columns)
+    labels = torch.tensor([0, 1]).repeat(rows).repeat_interleave(columns)
+    return z_rows.repeat_interleave(2, dim=0).flatten(0, 1), labels
 
 
 def test_the_fixed_grid_shows_the_fixed_inputs_in_the_documented_layout(trained):

@@ -51,7 +51,7 @@ def trained(request, mnist_dir, tmp_path_factory):
     with ModelWatch(roles=('Generator',)) as watch, contextlib.redirect_stdout(printed):
         run_in_process(script, *tiny_args(script, mnist_dir, work / 'out'))
     return dict(script=script, model=model, side=side, columns=columns, conditional=conditional,
-                has_random=has_random, out=work / 'out', stdout=printed.getvalue(), work=work,
+                has_random=has_random, out=work / 'out', stdout=printed.getvalue(),
                 sampled=watch.of('Generator', training=False))
 
 
