@@ -152,6 +152,21 @@ def test_the_fixed_grid_shows_the_fixed_inputs_in_the_documented_layout(trained)
     assert_same_picture(written, expected)
 
 
+def test_the_random_grid_shows_fresh_noise_each_epoch(trained):
+    """Random_results: a 5x5 grid of noise drawn anew each epoch; the last one is the saved generator's images
+    of that noise, rendered here."""
+    if not trained['has_random']:
+        pytest.skip('no Random_results grid')
+    fixed = checkpoint(trained)['fixed']
+    grids = [call.inputs[0] for call in trained['sampled']
+             if len(call.inputs[0]) == 25 and not torch.equal(call.inputs[0], fixed['z'])]
+    assert len(grids) == 2 and not torch.equal(grids[0], grids[1]), 'one grid of fresh noise per epoch'
+    _, G = load_generator(trained)
+    expected = render(G, (grids[-1],), 5)
+    written = png_pixels(trained['out'] / 'Random_results' / f"{trained['model']}_2.png", expected.shape[1])
+    assert_same_picture(written, expected)
+
+
 def test_generator_reloads_with_the_documented_calling_convention(trained):
     module, G = load_generator(trained)
     z = module.noise(6, torch.device('cpu'))
