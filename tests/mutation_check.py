@@ -216,7 +216,9 @@ def main():
             if verdict == 'caught':
                 catchers.update(test for test in detail.split(', ') if '::' in test)
         # A test that fails on the unmutated code caught nothing.
-        status, broken, seconds, _ = run_tests(copy, sorted(catchers), args.timeout) if catchers else (0, [], 0, '')
+        status, broken, unmutated_seconds, output = (run_tests(copy, sorted(catchers), args.timeout) if catchers
+                                                      else (0, [], 0.0, ''))
+    passed = re.search(r'(\d+) passed', output)
     if status != 0:
         broken = broken or ['(the run did not finish)']
         rows = [(name, 'NOT A CATCH: fails unmutated' if set(detail.split(', ')) & set(broken) else verdict,
@@ -226,9 +228,9 @@ def main():
     for name, verdict, detail, seconds in rows:
         print(f"| {name} | {verdict} | {detail.replace('|', '/')} | {seconds:.0f} |")
     caught = sum(verdict == 'caught' for _, verdict, _, _ in rows)
-    print(f"\n{caught} of {len(rows)} mutants caught; the catching tests pass unmutated: "
-          f"{'yes' if status == 0 else 'NO: ' + ', '.join(broken)} ({seconds:.0f} s); "
-          f"{time.perf_counter() - started:.0f} s in all")
+    print(f"\n{caught} of {len(rows)} mutants caught; the {len(catchers)} catching tests pass unmutated: "
+          f"{'yes' if status == 0 else 'NO: ' + ', '.join(broken)} ({passed.group(1) if passed else 0} passed in "
+          f"{unmutated_seconds:.0f} s); {time.perf_counter() - started:.0f} s in all")
     return 0 if caught == len(rows) and status == 0 else 1
 
 
