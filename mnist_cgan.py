@@ -167,7 +167,8 @@ def train(world):
                 scaler.update()
                 G_ema.update_parameters(G)
 
-                means.add(loss_d=loss_d, loss_g=loss_g, d_real=d_real.sigmoid().mean(), d_fake=d_fake.sigmoid().mean())
+                means.add(loss_d=loss_d, loss_g=loss_g,  # D's mean probabilities in fp32, as the losses
+                          d_real=d_real.float().sigmoid().mean(), d_fake=d_fake.float().sigmoid().mean())
             common.synchronize(run_device)
             seconds = time.perf_counter() - start
             grids = {run.fixed_grid_path(epoch): (common.sample(G_ema.module, fixed['z'], fixed['labels']), 10)}

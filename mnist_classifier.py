@@ -75,8 +75,9 @@ def load_classifier(path, run_device):
     if not os.path.exists(path):
         common.fail(f"no trained MNIST classifier at {path}; run python mnist_classifier.py to train it")
     model = Classifier()
+    state = common.read_state_dict(path)
     try:
-        model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+        model.load_state_dict(state)
     except RuntimeError:
         common.fail(f"{path} does not fit this Classifier; run python mnist_classifier.py to train it again")
     return model.to(run_device).eval()

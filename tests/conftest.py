@@ -1,13 +1,20 @@
-"""Shared fixtures: the repository on sys.path, tiny MNIST files in the real IDX format, a script runner."""
+"""Shared fixtures: the repository on sys.path, tiny MNIST files in the real IDX format, script runners."""
 import gzip
+import json
 import os
+import runpy
 import struct
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from torch.nn.modules.module import register_module_forward_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -28,6 +35,23 @@ def fake_digits(n, seed):
     for i, label in enumerate(labels.tolist()):
         images[i, 4:24, 2 + 2 * label:5 + 2 * label] = 255
     return images, labels
+
+
+COLOUR = {'female': 0, 'male': 2}  # female faces are mostly red, male ones mostly blue
+
+
+def write_faces(folder, counts, size=64, seed=0):
+    """counts[class] JPEGs in folder/class/, named as celeba_preprocess.py names them: smooth random
+    colour blotches over a strong red (female) or blue (male) channel, so a grid shows the gender."""
+    generator = torch.Generator().manual_seed(seed)
+    for cls, count in counts.items():
+        os.makedirs(os.path.join(folder, cls), exist_ok=True)
+        for i in range(count):
+            small = torch.rand(3, 8, 8, generator=generator) * 100
+            small[COLOUR[cls]] += 150
+            face = torch.nn.functional.interpolate(small[None], size=size, mode='bilinear')[0]
+            pixels = face.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            Image.fromarray(pixels).save(os.path.join(folder, cls, f'{seed * 1000 + i:06d}.jpg'), quality=95)
 
 
 @pytest.fixture(scope='session')
@@ -53,3 +77,130 @@ def run_script(script, *args, cwd, timeout=300, **popen):
     env = {**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, **popen)
+
+
+def run_in_process(script, *args):
+    """Run a script's command line in this process, as `python script args` runs it, on one torch thread.
+
+    No interpreter start, so it is quick; and a test can watch the models through global hooks (ModelWatch),
+    whatever helpers and `with` blocks the training loop has.
+    """
+    argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = [str(REPO / script), *args]
+    torch.set_num_threads(1)
+    try:
+        runpy.run_path(str(REPO / script), run_name='__main__')
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class ModelCall:
+    """One forward call of a script's Generator or Discriminator: detached copies of what went in and out."""
+    role: str               # 'Generator' or 'Discriminator'
+    model: torch.nn.Module
+    training: bool          # in train mode with gradients on: a training step, not sampling
+    inputs: tuple
+    output: torch.Tensor
+    input_requires_grad: bool
+
+
+class ModelWatch:
+    """Records every call of the scripts' models (by class name: Generator, Discriminator) while active.
+
+    roles: the classes to record; keep_generator_states: also G's state_dict after each of its optimizer's
+    steps, for checking the EMA.
+    """
+
+    def __init__(self, roles=('Generator', 'Discriminator'), keep_generator_states=False):
+        self.roles = roles
+        self.calls = []
+        self.generator_states = []
+        self.keep_generator_states = keep_generator_states
+        self.trained_generator = None
+
+    def _after(self, module, inputs, output):
+        role = type(module).__name__
+        if role in self.roles:
+            training = self._training(module)
+            self.calls.append(ModelCall(role, module, training, tuple(t.detach().clone() for t in inputs),
+                                        output.detach().float().clone(), inputs[0].requires_grad))
+            if role == 'Generator' and training:
+                self.trained_generator = module
+
+    def _after_step(self, optimizer, args, kwargs):
+        G = self.trained_generator
+        if self.keep_generator_states and G is not None:
+            first = next(G.parameters())
+            if any(p is first for group in optimizer.param_groups for p in group['params']):
+                self.generator_states.append({k: v.detach().clone() for k, v in G.state_dict().items()})
+
+    @staticmethod
+    def _training(module):
+        return module.training and torch.is_grad_enabled()
+
+    def __enter__(self):
+        self._hooks = [register_module_forward_hook(self._after), register_optimizer_step_post_hook(self._after_step)]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+
+    def of(self, role, training=True):
+        return [call for call in self.calls if call.role == role and call.training == training]
+
+
+# ---------------------------------------------------------------- comparing outputs
+
+def png_pixels(path, height=None):
+    """A written PNG as a uint8 (3, H, W) tensor; height keeps only the top rows (the grid above a caption)."""
+    with Image.open(path) as picture:
+        pixels = torch.from_numpy(np.array(picture.convert('RGB'))).permute(2, 0, 1)
+    return pixels[:, :height] if height else pixels
+
+
+def render(G, inputs, nrow):
+    """G's images for the inputs laid out as the README says a grid is: nrow per row, [-1, 1] as black to white."""
+    from torchvision.utils import make_grid
+    with torch.no_grad():
+        grid = make_grid(G(*inputs), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
+    return grid.mul(255).round().to(torch.uint8)
+
+
+def assert_same_picture(written, expected):
+    # Within 2 of 255 levels: the rounding of the PNG writer; any other image differs by far more.
+    assert written.shape == expected.shape
+    assert (written.int() - expected.int()).abs().max() <= 2
+
+
+def assert_same_run(out, straight, model):
+    """The history (less the timings), the saved weights and the checkpoint's models and optimizers are equal."""
+    timing = ('seconds', 'images_per_second')
+    resumed, uninterrupted = (json.loads((d / f'{model}_train_hist.json').read_text())['epochs']
+                              for d in (out, straight))
+    assert [{k: v for k, v in e.items() if k not in timing} for e in resumed] == \
+           [{k: v for k, v in e.items() if k not in timing} for e in uninterrupted]
+    for path in sorted(p.name for p in straight.glob('*.pt') if p.name != 'checkpoint.pt'):
+        a, b = (torch.load(d / path, weights_only=True) for d in (out, straight))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), path
+    a, b = (torch.load(d / 'checkpoint.pt', weights_only=True) for d in (out, straight))
+    assert a['epoch'] == b['epoch'] == 2
+    for part in ('models', 'optimizers', 'fixed'):
+        assert_equal_trees(a[part], b[part], part)
+
+
+def assert_equal_trees(a, b, where):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_equal_trees(a[key], b[key], f'{where}.{key}')
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_equal_trees(x, y, f'{where}[{i}]')
+    elif isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    else:
+        assert a == b, where

@@ -1,5 +1,7 @@
 """celeba_dcgan.py and celeba_cdcgan.py end to end at tiny scale, on folders of 64x64 JPEG faces written here."""
+import contextlib
 import importlib
+import io
 import json
 import math
 import os
@@ -12,28 +14,14 @@ import torch
 from PIL import Image
 
 import common
-from conftest import REPO, run_script
+from conftest import REPO, ModelWatch, assert_same_picture, assert_same_run, png_pixels, render, \
+    run_in_process, run_script, write_faces
 
 # script, model name, fixed grid columns, conditional
 SCRIPTS = [('celeba_dcgan.py', 'CelebA_DCGAN', 5, False), ('celeba_cdcgan.py', 'CelebA_cDCGAN', 4, True)]
 TINY = ['--d=8', '--batch_size=8', '--device=cpu']
 FACES = {'female': 24, 'male': 16}       # data/resized_celebA
 CROP_FACES = {'female': 12, 'male': 12}  # data/resized_celebA_crop
-COLOUR = {'female': 0, 'male': 2}        # female faces are mostly red, male ones mostly blue
-
-
-def write_faces(folder, counts, size=64, seed=0):
-    """counts[class] JPEGs in folder/class/, named as celeba_preprocess.py names them: smooth random
-    colour blotches over a strong red (female) or blue (male) channel, so a grid shows the gender."""
-    generator = torch.Generator().manual_seed(seed)
-    for cls, count in counts.items():
-        os.makedirs(os.path.join(folder, cls), exist_ok=True)
-        for i in range(count):
-            small = torch.rand(3, 8, 8, generator=generator) * 100
-            small[COLOUR[cls]] += 150
-            face = torch.nn.functional.interpolate(small[None], size=size, mode='bilinear')[0]
-            pixels = face.clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-            Image.fromarray(pixels).save(os.path.join(folder, cls, f'{seed * 1000 + i:06d}.jpg'), quality=95)
 
 
 def grid_side(columns, side=64):
@@ -55,12 +43,18 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope='module', params=SCRIPTS, ids=[s[0] for s in SCRIPTS])
 def trained(request, work):
-    """Each script trained 2 tiny epochs with the default folders; shared by the output checks below."""
+    """Each script trained 2 tiny epochs with the default folders, in this process with every call of G recorded;
+    shared by the output checks below."""
     script, model, columns, conditional = request.param
-    result = run_script(script, '--train_epoch=2', *TINY, cwd=work)
-    assert result.returncode == 0, result.stderr
-    return dict(script=script, model=model, columns=columns, conditional=conditional,
-                out=work / f'{model}_results', stdout=result.stdout, work=work)
+    printed, cwd = io.StringIO(), os.getcwd()
+    os.chdir(work)  # the default folders are relative to it
+    try:
+        with ModelWatch(roles=('Generator',)) as watch, contextlib.redirect_stdout(printed):
+            run_in_process(script, '--train_epoch=2', *TINY)
+    finally:
+        os.chdir(cwd)
+    return dict(script=script, model=model, columns=columns, conditional=conditional, out=work / f'{model}_results',
+                stdout=printed.getvalue(), work=work, sampled=watch.of('Generator', training=False))
 
 
 def test_prints_the_device_precision_and_why_then_the_seed_epoch_lines_and_total(trained):
@@ -94,11 +88,53 @@ def test_every_output_is_written_and_readable(trained):
     assert (out / f'{model}_morp.png').exists() == trained['conditional']
 
 
-def test_the_morphing_image_is_10_by_10_faces(trained):
+def checkpoint(trained):
+    return torch.load(trained['out'] / 'checkpoint.pt', weights_only=True)
+
+
+def sampled_on(trained, z):
+    """The inputs of each sampling of G (the average) on exactly this noise, in order."""
+    return [call.inputs for call in trained['sampled'] if torch.equal(call.inputs[0], z)]
+
+
+def gender_pairs(z_rows):
+    """The README's gender layout: each row of noise twice, as a female row (0) then a male row (1)."""
+    rows, columns, _ = z_rows.shape
+    labels = torch.tensor([0, 1]).repeat(rows).repeat_interleave(columns)
+    return z_rows.repeat_interleave(2, dim=0).flatten(0, 1), labels
+
+
+def test_the_fixed_grid_shows_the_fixed_inputs_in_the_documented_layout(trained):
+    """The last epoch's grid, rendered here from the saved generator and the checkpoint's inputs. cDCGAN: 4x4,
+    rows 1 and 3 female, 2 and 4 male, rows 1-2 sharing 4 noise vectors and rows 3-4 another 4."""
+    _, G = load_trained(trained, 'generator')
+    fixed = checkpoint(trained)['fixed']
+    if trained['conditional']:
+        inputs = gender_pairs(fixed['z'].view(4, 4, -1)[0::2])
+        assert torch.equal(fixed['z'], inputs[0]) and torch.equal(fixed['labels'], inputs[1])
+    else:
+        inputs = (fixed['z'],)
+        assert len(fixed['z']) == 25
+    sampled = sampled_on(trained, inputs[0])
+    assert len(sampled) == 2, 'one grid of the fixed noise per epoch'
+    assert all(torch.equal(given[-1], inputs[-1]) for given in sampled), 'the grid was sampled with other genders'
+    expected = render(G, inputs, trained['columns'])
+    written = png_pixels(trained['out'] / 'Fixed_results' / f"{trained['model']}_2.png", expected.shape[1])
+    assert_same_picture(written, expected)
+
+
+def test_the_morphing_image_morphs_female_and_male_rows_with_the_same_noise(trained):
+    """10x10: 5 pairs of rows, each a straight line of 10 noise vectors, drawn female, then male."""
     if not trained['conditional']:
         pytest.skip('only the cDCGAN morphs')
-    with Image.open(trained['out'] / f"{trained['model']}_morp.png") as morph:
-        assert morph.size == (grid_side(10), grid_side(10))
+    _, G = load_trained(trained, 'generator')
+    lines = checkpoint(trained)['fixed']['morph_z'].view(10, 10, -1)[0::2]
+    steps = lines[:, 1:] - lines[:, :-1]
+    assert torch.allclose(steps, steps[:, :1].expand_as(steps), atol=1e-5)
+    z, labels = gender_pairs(lines)
+    sampled = sampled_on(trained, z)
+    assert len(sampled) == 1 and torch.equal(sampled[0][1], labels), 'the rows alternate female and male'
+    assert_same_picture(png_pixels(trained['out'] / f"{trained['model']}_morp.png"), render(G, (z, labels), 10))
 
 
 def test_the_cdcgan_real_grid_alternates_female_and_male_rows(trained):
@@ -132,12 +168,23 @@ def test_weights_reload_with_the_documented_calling_convention(trained):
     assert logits.shape == (6,)
 
 
-def test_generate_writes_a_grid_of_new_samples(trained):
-    result = run_script(trained['script'], '--generate=3', '--d=8', '--device=cpu', cwd=trained['work'])
-    assert result.returncode == 0, result.stderr
-    with Image.open(trained['out'] / f"{trained['model']}_generated.png") as picture:
-        # one row per gender of 3, or 3 in the squarest grid
-        assert picture.size == ((grid_side(3), grid_side(2)) if trained['conditional'] else (grid_side(2),) * 2)
+def test_generate_draws_the_documented_grid(trained):
+    """--generate=3: a female row and a male row with the same 3 noise vectors (cDCGAN), or 3 samples in the
+    squarest grid; rendered here from the saved generator and the noise G was given."""
+    with ModelWatch() as watch:
+        run_in_process(trained['script'], f"--results_dir={trained['out']}", '--generate=3', '--d=8', '--device=cpu')
+    given = watch.of('Generator', training=False)
+    z = torch.cat([call.inputs[0] for call in given])
+    _, G = load_trained(trained, 'generator')  # no fid is measured on CelebA: the last generator
+    if trained['conditional']:
+        inputs = gender_pairs(z[None, :3])
+        assert torch.equal(z, inputs[0]) and len(z[:3].unique(dim=0)) == 3
+        assert torch.equal(torch.cat([call.inputs[1] for call in given]), inputs[1])
+        expected = render(G, inputs, 3)
+    else:
+        assert len(z) == 3 and len(z.unique(dim=0)) == 3
+        expected = render(G, (z,), 2)
+    assert_same_picture(png_pixels(trained['out'] / f"{trained['model']}_generated.png"), expected)
 
 
 @pytest.mark.parametrize('script, model', [s[:2] for s in SCRIPTS])
@@ -150,22 +197,27 @@ def test_the_crop_variant_has_its_own_folders(work, script, model):
     assert os.path.getsize(work / 'data' / 'resized_celebA_crop.u8') == sum(CROP_FACES.values()) * 3 * 64 * 64
 
 
-def test_resume_continues_and_a_finished_run_rebuilds_the_morphing_image(tmp_path):
-    write_faces(tmp_path / 'faces', FACES)
-    args = ['--data_dir=faces', '--results_dir=out', *TINY]
-    assert run_script('celeba_cdcgan.py', *args, '--train_epoch=1', cwd=tmp_path).returncode == 0
-    result = run_script('celeba_cdcgan.py', *args, '--train_epoch=2', cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert 'resuming after epoch 1' in result.stdout and result.stdout.count('] - ptime') == 1
-    assert 'decoding' not in result.stdout  # the cache of the first run was reused
-    with Image.open(tmp_path / 'out' / 'CelebA_cDCGAN_generation_animation.gif') as gif:
+def test_a_resumed_run_equals_an_uninterrupted_one(trained, tmp_path, capsys):
+    """One epoch, then resumed for the second: the same history, weights and optimizer states as the fixture's
+    uninterrupted 2-epoch run; a rerun of the finished run rebuilds its final outputs, the morphing image alike."""
+    script, model, out = trained['script'], trained['model'], tmp_path / 'resumed'
+    args = [f"--data_dir={trained['work'] / 'data' / 'resized_celebA'}", f'--results_dir={out}', *TINY]
+    run_in_process(script, *args, '--train_epoch=1')
+    capsys.readouterr()
+    run_in_process(script, *args, '--train_epoch=2')
+    printed = capsys.readouterr().out
+    assert 'resuming after epoch 1' in printed and printed.count('] - ptime') == 1
+    assert 'decoding' not in printed  # the cache of the first run was reused
+    assert_same_run(out, trained['out'], model)
+    with Image.open(out / f'{model}_generation_animation.gif') as gif:
         assert gif.n_frames == 2
-    morph = tmp_path / 'out' / 'CelebA_cDCGAN_morp.png'
-    first = morph.read_bytes()
-    morph.unlink()
-    again = run_script('celeba_cdcgan.py', *args, '--train_epoch=2', cwd=tmp_path)
-    assert again.returncode == 0 and 'already trained 2 epochs' in again.stdout
-    assert morph.read_bytes() == first  # the same fixed noise through the same final G
+    finals = [out / f'{model}_generation_animation.gif'] + [out / f'{model}_morp.png'] * trained['conditional']
+    before = [path.read_bytes() for path in finals]
+    for path in finals:
+        path.unlink()
+    run_in_process(script, *args, '--train_epoch=2')
+    assert 'already trained 2 epochs' in capsys.readouterr().out
+    assert [path.read_bytes() for path in finals] == before
 
 
 @pytest.mark.parametrize('script, args, command', [

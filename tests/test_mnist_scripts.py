@@ -1,7 +1,10 @@
 """The four MNIST scripts end to end at tiny scale, on IDX files the fixtures write."""
+import contextlib
 import importlib
+import io
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -10,10 +13,10 @@ import time
 import pytest
 import torch
 from PIL import Image
-from torchvision.utils import make_grid
 
 import common
-from conftest import REPO, run_script
+from conftest import OFFLINE, REPO, ModelWatch, assert_same_picture, assert_same_run, png_pixels, render, \
+    run_in_process, run_script
 
 # script, model name, image side, grid columns, conditional, has a Random_results grid
 SCRIPTS = [
@@ -40,13 +43,16 @@ def history(results_dir, model):
 
 @pytest.fixture(scope='module', params=SCRIPTS, ids=[s[0] for s in SCRIPTS])
 def trained(request, mnist_dir, tmp_path_factory):
-    """Each script trained 2 tiny epochs; shared by the output checks below."""
+    """Each script trained 2 tiny epochs, in this process with every call of G recorded; shared by the output
+    checks below."""
     script, model, side, columns, conditional, has_random = request.param
     work = tmp_path_factory.mktemp(model)
-    result = run_script(script, *tiny_args(script, mnist_dir, work / 'out'), cwd=work)
-    assert result.returncode == 0, result.stderr
+    printed = io.StringIO()
+    with ModelWatch(roles=('Generator',)) as watch, contextlib.redirect_stdout(printed):
+        run_in_process(script, *tiny_args(script, mnist_dir, work / 'out'))
     return dict(script=script, model=model, side=side, columns=columns, conditional=conditional,
-                has_random=has_random, out=work / 'out', stdout=result.stdout, work=work)
+                has_random=has_random, out=work / 'out', stdout=printed.getvalue(),
+                sampled=watch.of('Generator', training=False))
 
 
 def test_prints_the_device_precision_and_why_then_the_seed_epoch_lines_and_total(trained):
@@ -99,9 +105,67 @@ def load_generator(trained, which='generator'):
     return module, G.eval()
 
 
-def test_the_best_generator_is_kept_and_loads(trained):
+def checkpoint(trained):
+    return torch.load(trained['out'] / 'checkpoint.pt', weights_only=True)
+
+
+def test_the_best_generator_is_the_epoch_of_the_lowest_fid(trained, mnist_dir):
+    """Scored here on the run's fixed quality inputs, the kept generator gives the history's lowest fid."""
+    from mnist_classifier import MnistQuality
     _, best = load_generator(trained, 'generator_best')
-    assert best.z_dim == 100
+    fixed = checkpoint(trained)['fixed']
+    conditions = (fixed['quality_labels'],) if trained['conditional'] else ()
+    with torch.no_grad():
+        images = best(fixed['quality_z'], *conditions)
+    fid = MnistQuality(str(mnist_dir), trained['side'], 'cpu').score(images, *conditions)['fid']
+    fids = [e['fid'] for e in history(trained['out'], trained['model'])['epochs']]
+    assert fid == pytest.approx(min(fids), rel=1e-4) and fid != pytest.approx(max(fids), rel=1e-4)
+
+
+def class_rows(columns_z, classes):
+    """The README's conditional layout: row i is class i, column j the same noise vector in every row."""
+    columns = len(columns_z)
+    return columns_z.repeat(classes, 1), torch.arange(classes).repeat_interleave(columns)
+
+
+def sampled_on(trained, z):
+    """The inputs of each sampling of G (the average) on exactly this noise, in order."""
+    return [call.inputs for call in trained['sampled'] if torch.equal(call.inputs[0], z)]
+
+
+def test_the_fixed_grid_shows_the_fixed_inputs_in_the_documented_layout(trained):
+    """The checkpoint's fixed inputs follow the README's layout; every epoch's grid was sampled on exactly them;
+    the last one is the saved generator's images of them, rendered here."""
+    _, G = load_generator(trained)
+    fixed = checkpoint(trained)['fixed']
+    columns = trained['columns']
+    if trained['conditional']:
+        inputs = class_rows(fixed['z'][:columns], 10)
+        assert torch.equal(fixed['z'], inputs[0]) and torch.equal(fixed['labels'], inputs[1])
+    else:
+        inputs = (fixed['z'],)
+        assert len(fixed['z']) == columns * columns
+    sampled = sampled_on(trained, inputs[0])
+    assert len(sampled) == 2, 'one grid of the fixed noise per epoch'
+    assert all(torch.equal(given[-1], inputs[-1]) for given in sampled), 'the grid was sampled with other labels'
+    expected = render(G, inputs, columns)
+    written = png_pixels(trained['out'] / 'Fixed_results' / f"{trained['model']}_2.png", expected.shape[1])
+    assert_same_picture(written, expected)
+
+
+def test_the_random_grid_shows_fresh_noise_each_epoch(trained):
+    """Random_results: a 5x5 grid of noise drawn anew each epoch; the last one is the saved generator's images
+    of that noise, rendered here."""
+    if not trained['has_random']:
+        pytest.skip('no Random_results grid')
+    fixed = checkpoint(trained)['fixed']
+    grids = [call.inputs[0] for call in trained['sampled']
+             if len(call.inputs[0]) == 25 and not torch.equal(call.inputs[0], fixed['z'])]
+    assert len(grids) == 2 and not torch.equal(grids[0], grids[1]), 'one grid of fresh noise per epoch'
+    _, G = load_generator(trained)
+    expected = render(G, (grids[-1],), 5)
+    written = png_pixels(trained['out'] / 'Random_results' / f"{trained['model']}_2.png", expected.shape[1])
+    assert_same_picture(written, expected)
 
 
 def test_generator_reloads_with_the_documented_calling_convention(trained):
@@ -116,35 +180,25 @@ def test_generator_reloads_with_the_documented_calling_convention(trained):
     assert images.min() >= -1 and images.max() <= 1
 
 
-def test_generate_writes_a_grid_of_new_samples(trained):
+def test_generate_draws_the_documented_grid_from_the_best_generator(trained):
+    """--generate=3: three samples per digit, a row each with the same noise in every row (conditional), or
+    three in the squarest grid; rendered here from the best generator and the noise G was given."""
     width = [f'--d={w}' for w in widths(trained).values()]
-    args = [f"--results_dir={trained['out']}", *width, '--generate=3', '--device=cpu']
-    result = run_script(trained['script'], *args, cwd=trained['work'])
-    assert result.returncode == 0, result.stderr
-    with Image.open(trained['out'] / f"{trained['model']}_generated.png") as picture:
-        rows = 10 if trained['conditional'] else 2  # 3 per digit, or 3 in the squarest grid
-        assert picture.size == (grid_side(3 if trained['conditional'] else 2, trained['side']),
-                                grid_side(rows, trained['side']))
-
-
-def test_generate_rows_follow_the_requested_labels(trained):
-    if not trained['conditional']:
-        pytest.skip('unconditional model')
-    module, G = load_generator(trained, 'generator_best')  # --generate's default, generate_from='best'
-    # The script seeds, builds its generator (drawing initial weights), then draws the grid's inputs.
-    torch.manual_seed(0)
-    module.Generator(**widths(trained))
-    z, labels = module.class_grid_inputs(3, torch.device('cpu'))
-    assert labels.view(10, 3).tolist() == [[digit] * 3 for digit in range(10)]
-    with torch.no_grad():
-        expected = make_grid(G(z, labels), nrow=3, padding=2, normalize=True, value_range=(-1, 1))
-    expected = expected.mul(255).add(0.5).clamp(0, 255).to(torch.uint8)
-    with Image.open(trained['out'] / f"{trained['model']}_generated.png") as picture:
-        written = torch.from_numpy(__import__('numpy').array(picture.convert('RGB'))).permute(2, 0, 1)
-    assert torch.equal(written, expected)
-    # The same images with other labels differ: the rows really depend on the digit asked for.
-    with torch.no_grad():
-        assert not torch.allclose(G(z, labels), G(z, (labels + 1) % 10))
+    with ModelWatch() as watch:
+        run_in_process(trained['script'], f"--results_dir={trained['out']}", *width, '--generate=3', '--device=cpu')
+    given = watch.of('Generator', training=False)
+    z = torch.cat([call.inputs[0] for call in given])
+    _, G = load_generator(trained, 'generator_best')  # --generate's default, generate_from='best'
+    if trained['conditional']:
+        inputs = class_rows(z[:3], 10)
+        assert torch.equal(z, inputs[0]), 'each row has the same 3 noise vectors'
+        assert torch.equal(torch.cat([call.inputs[1] for call in given]), inputs[1]), 'row i is digit i'
+        assert len(z[:3].unique(dim=0)) == 3
+        expected = render(G, inputs, 3)
+    else:
+        assert len(z) == 3 and len(z.unique(dim=0)) == 3
+        expected = render(G, (z,), 2)
+    assert_same_picture(png_pixels(trained['out'] / f"{trained['model']}_generated.png"), expected)
 
 
 def test_importing_has_no_side_effects(tmp_path):
@@ -201,26 +255,20 @@ def test_a_script_exits_2_on_a_bad_override_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_resume_continues_with_the_same_fixed_noise_and_randomness(mnist_dir, tmp_path):
-    out = tmp_path / 'resumed'
-    assert run_script('mnist_cgan.py', *tiny_args('mnist_cgan.py', mnist_dir, out, 1), cwd=tmp_path).returncode == 0
-    first = torch.load(out / 'checkpoint.pt', weights_only=True)
-    result = run_script('mnist_cgan.py', *tiny_args('mnist_cgan.py', mnist_dir, out, 2), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert 'resuming after epoch 1' in result.stdout and result.stdout.count('] - ptime') == 1
-    second = torch.load(out / 'checkpoint.pt', weights_only=True)
-    assert second['epoch'] == 2 and torch.equal(first['fixed']['z'], second['fixed']['z'])
-    with Image.open(out / 'MNIST_cGAN_generation_animation.gif') as gif:
+def test_a_resumed_run_equals_an_uninterrupted_one(trained, mnist_dir, tmp_path, capsys):
+    """One epoch, then resumed for the second: the same history and the same weights and optimizer states,
+    to the last bit (on the CPU), as the fixture's uninterrupted 2-epoch run."""
+    script, model, out = trained['script'], trained['model'], tmp_path / 'resumed'
+    run_in_process(script, *tiny_args(script, mnist_dir, out, 1))
+    capsys.readouterr()
+    run_in_process(script, *tiny_args(script, mnist_dir, out, 2))
+    printed = capsys.readouterr().out
+    assert 'resuming after epoch 1' in printed and printed.count('] - ptime') == 1
+    assert_same_run(out, trained['out'], model)
+    with Image.open(out / f'{model}_generation_animation.gif') as gif:
         assert gif.n_frames == 2
-    # An uninterrupted 2-epoch run gives exactly the same losses: nothing was lost or redrawn.
-    straight = tmp_path / 'straight'
-    result = run_script('mnist_cgan.py', *tiny_args('mnist_cgan.py', mnist_dir, straight, 2), cwd=tmp_path)
-    assert result.returncode == 0
-    resumed_losses = [(e['loss_d'], e['loss_g']) for e in history(out, 'MNIST_cGAN')['epochs']]
-    assert resumed_losses == [(e['loss_d'], e['loss_g']) for e in history(straight, 'MNIST_cGAN')['epochs']]
-
-    again = run_script('mnist_cgan.py', *tiny_args('mnist_cgan.py', mnist_dir, out, 2), cwd=tmp_path)
-    assert again.returncode == 0 and 'already trained 2 epochs' in again.stdout
+    run_in_process(script, *tiny_args(script, mnist_dir, out, 2))
+    assert 'already trained 2 epochs' in capsys.readouterr().out
 
 
 def test_a_forced_collapse_is_reported_and_the_best_generator_kept(mnist_dir, tmp_path):
@@ -262,11 +310,11 @@ def test_the_ema_changes_what_is_sampled_and_not_the_training(mnist_dir, tmp_pat
 
 
 def start_script(script, args, cwd):
-    env_script = [sys.executable, str(REPO / script), *args]
-    from conftest import OFFLINE
-    import os
-    return subprocess.Popen(env_script, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1'})
+    """Start a script as a user's shell would: with SIGINT at its default even if this runner ignores it (as
+    some launchers start it), since a Python started with SIGINT ignored never raises KeyboardInterrupt."""
+    return subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1'},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_checkpoint(process, checkpoint, timeout=120):
@@ -295,7 +343,12 @@ def test_a_killed_run_resumes_from_its_last_complete_epoch(mnist_dir, tmp_path, 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(mnist_dir, tmp_path):
     out = tmp_path / 'interrupted'
-    process = start_script('mnist_gan.py', tiny_args('mnist_gan.py', mnist_dir, out, 100), tmp_path)
+    # Started from a runner that ignores SIGINT, as some launchers do: the script must still get Ctrl-C.
+    runner_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        process = start_script('mnist_gan.py', tiny_args('mnist_gan.py', mnist_dir, out, 100), tmp_path)
+    finally:
+        signal.signal(signal.SIGINT, runner_handler)
     wait_for_checkpoint(process, out / 'checkpoint.pt')
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
