@@ -6,10 +6,9 @@ Sample:    python celeba_dcgan.py --generate=25
 """
 import time
 
+import common  # before torch: from here on, even while torch loads, a Ctrl-C is one line
 import torch
 import torch.nn as nn
-
-import common
 
 isCrop = False                        # train on the tighter 108x108 face crop, with its own data and results folders
 data_dir = ''                         # holds female/ and male/ of 64x64 faces; '' = data/resized_celebA(_crop)

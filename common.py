@@ -1,17 +1,42 @@
 """Plumbing shared by the experiment scripts: overrides, device, data files, images, checkpoints.
 
-Nothing here is a model or a training step; each script keeps its own.
+Nothing here is a model or a training step; each script keeps its own. Importing this module makes a
+Ctrl-C that nothing else catches one line on stderr (exit status 130), so the scripts import it before
+torch: then even a Ctrl-C while torch loads is one line and not a traceback.
 """
-import contextlib
-import gzip
-import json
-import math
-import os
-import struct
 import sys
-import tokenize
 
-import torch
+
+def _one_line_interrupt(kind, value, traceback, previous=sys.excepthook):
+    """A Ctrl-C that reaches the top of a script (start-up, not training: Run says what an epoch saved)."""
+    if not issubclass(kind, KeyboardInterrupt) or sys.flags.interactive or hasattr(sys, 'ps1'):
+        return previous(kind, value, traceback)
+    print("error: interrupted while starting, before any epoch was trained; run the same command again",
+          file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: an excepthook cannot raise SystemExit, and Python would otherwise end by SIGINT, not 130.
+    import os
+    os._exit(130)
+
+
+sys.excepthook = _one_line_interrupt
+
+import contextlib  # noqa: E402  (after the hook: these imports are where a start-up Ctrl-C lands)
+import errno  # noqa: E402
+import gzip  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import operator  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import struct  # noqa: E402
+import tokenize  # noqa: E402
+import warnings  # noqa: E402
+import zlib  # noqa: E402
+
+import torch  # noqa: E402
 
 
 # ---------------------------------------------------------------- constants and overrides

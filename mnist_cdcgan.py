@@ -5,11 +5,11 @@ Sample:    python mnist_cdcgan.py --generate=10
 """
 import time
 
+import common  # before torch: from here on, even while torch loads, a Ctrl-C is one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
 from mnist_classifier import MnistQuality
 
 data_dir = 'data'                     # holds MNIST/raw/ with the four IDX files

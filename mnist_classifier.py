@@ -14,11 +14,10 @@ import math
 import os
 import time
 
+import common  # before torch: from here on, even while torch loads, a Ctrl-C is one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_classifier.pt')
 CLASSIFIER_SIZE = 28   # the classifier reads 28x28 images, MNIST's own size

@@ -5,10 +5,10 @@ Sample:    python mnist_gan.py --generate=25
 """
 import time
 
+import common  # before torch: from here on, even while torch loads, a Ctrl-C is one line
 import torch
 import torch.nn as nn
 
-import common
 from mnist_classifier import MnistQuality
 
 data_dir = 'data'                     # holds MNIST/raw/ with the four IDX files
