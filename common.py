@@ -67,6 +67,70 @@ def constant_help(source_path):
     return help_of
 
 
+# The range a constant's comment opens with, before ': ' and its meaning (see constant_range).
+_NUMBER = r'-?\d+(?:\.\d*)?(?:e-?\d+)?'
+_BOUND = re.compile(rf'(>=|<=|>|<) ?({_NUMBER})$')
+_INTERVAL = re.compile(rf'([\[(])({_NUMBER}), ({_NUMBER})([\])])$')
+_CHOICES = re.compile(r'\{(.+)\}$')
+_VALUE = re.compile(rf'{_NUMBER}$')
+_COMPARE = {'>': operator.gt, '>=': operator.ge, '<': operator.lt, '<=': operator.le,
+            '[': operator.ge, '(': operator.gt, ']': operator.le, ')': operator.lt}
+
+
+class Range:
+    """The values a constant allows, parsed from the opening of its comment:
+
+        > 0    >= 1    < 1    [0, 1)    (0, 1]    {auto, bf16}    non-empty    0 or [2, 100000]    [2, 64], even
+
+    Bounds and intervals take numbers, {...} the allowed values themselves, `non-empty` any string
+    but ''; `or` joins alternatives, where a bare number stands for itself; `, even` asks for an even
+    number besides.
+    """
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.even = spec.endswith(', even')
+        parts = spec.removesuffix(', even').split(' or ')
+        self.tests = [self._parse(part, alone=len(parts) == 1) for part in parts]
+
+    @staticmethod
+    def _parse(part, alone):
+        """(a description, a test of a value) for one alternative, or None if the part is no range."""
+        if m := _BOUND.match(part):
+            compare, bound = _COMPARE[m.group(1)], float(m.group(2))
+            return f"a value {m.group(1)} {m.group(2)}", lambda value: compare(value, bound)
+        if m := _INTERVAL.match(part):
+            above, low, high, below = _COMPARE[m.group(1)], float(m.group(2)), float(m.group(3)), _COMPARE[m.group(4)]
+            return f"a value in {part}", lambda value: above(value, low) and below(value, high)
+        if m := _CHOICES.match(part):
+            choices = [c.strip() for c in m.group(1).split(',')]
+            return " or ".join(choices) if len(choices) < 3 else f"one of {', '.join(choices)}", \
+                lambda value: str(value) in choices
+        if part == 'non-empty':
+            return "a non-empty value", lambda value: value != ''
+        if not alone and _VALUE.match(part):
+            return part, lambda value: value == float(part)
+        return None
+
+    def is_range(self):
+        return None not in self.tests
+
+    def allows(self, value):
+        return any(test(value) for _, test in self.tests) and not (self.even and value % 2)
+
+    def describe(self):
+        return ' or '.join(description for description, _ in self.tests) + (', even' if self.even else '')
+
+
+def constant_range(comment):
+    """The Range a constant's comment opens with (`> 0: Adam learning rate`), or None if it opens with none."""
+    spec, colon, _ = comment.partition(': ')
+    if not colon:
+        return None
+    allowed = Range(spec)
+    return allowed if allowed.is_range() else None
+
+
 def parse_value(name, text, default):
     """Read `text` as the type of the constant's default value; fail with one line if it is not."""
     kind = type(default)
@@ -86,28 +150,40 @@ def parse_value(name, text, default):
 
 
 def configure(namespace, argv=None):
-    """Apply `--name=value` overrides to a script's constants in place, nanoGPT style.
+    """Apply `--name=value` overrides to a script's constants in place, nanoGPT style, and check every
+    constant against the range its comment opens with, before the script does anything.
 
-    `--help` lists every constant with its value and meaning. Returns the constants as a dict.
+    `--help` lists every constant with its value, range and meaning. Returns the constants as a dict.
     """
     argv = sys.argv[1:] if argv is None else argv
     names = constant_names(namespace)
+    help_of = constant_help(namespace['__file__'])
     if '--help' in argv or '-h' in argv:
-        help_of = constant_help(namespace['__file__'])
         print((namespace.get('__doc__') or '').strip())
-        print("\nConstants (override any as --name=value):")
+        print("\nConstants (override any as --name=value; a range before the colon says which values it takes):")
         width = max(len(n) for n in names)
         for name in names:
             print(f"  --{name:<{width}} = {namespace[name]!r:<24} {help_of.get(name, '')}")
         raise SystemExit(0)
+    defaults, given = {name: namespace[name] for name in names}, {}
     for arg in argv:
         if not arg.startswith('--') or '=' not in arg:
             fail(f"cannot read argument {arg!r}: write --name=value (see --help)", 2)
         name, text = arg[2:].split('=', 1)
         if name not in names:
             fail(f"unknown constant {name!r}; valid: {', '.join(names)}", 2)
-        namespace[name] = parse_value(name, text, namespace[name])
+        namespace[name] = parse_value(name, text, defaults[name])
+        given[name] = text
+    for name in names:
+        allowed = constant_range(help_of.get(name, ''))
+        if allowed is not None and not allowed.allows(namespace[name]):
+            where = (f"--{name}={given[name]}" if name in given else
+                     f"{name} = {namespace[name]!r} in {os.path.basename(namespace['__file__'])}")
+            fail(f"{where}: choose {allowed.describe()}", 2)
     return {name: namespace[name] for name in names}
+
+
+DEVICE_TYPES = ('cpu', 'cuda', 'mps')
 
 
 def pick_device(choice):
@@ -119,9 +195,15 @@ def pick_device(choice):
     else:
         try:
             device = torch.device(choice)
+        except RuntimeError:
+            device = None
+        if device is None or device.type not in DEVICE_TYPES:
+            fail(f"--device={choice}: choose auto, {', '.join(DEVICE_TYPES)} or one of them numbered, like cuda:1", 2)
+        try:
             torch.empty(1, device=device)
         except (RuntimeError, AssertionError) as e:
-            fail(f"device {choice!r} is not usable here ({str(e).splitlines()[0]}); use --device=auto or cpu")
+            cause = str(e).splitlines()[0].split('. ')[0]  # torch's first sentence: its advice is for developers
+            fail(f"device {choice!r} is not usable here ({cause}); use --device=auto or cpu")
     if device.type == 'cuda':
         torch.backends.cuda.matmul.fp32_precision = 'tf32'
         torch.backends.cudnn.conv.fp32_precision = 'tf32'

@@ -24,13 +24,13 @@ CLASSIFIER_SIZE = 28   # the classifier reads 28x28 images, MNIST's own size
 EVAL_BATCH = 500       # images per forward pass when not training: bounds memory, not results
 
 data_dir = 'data'             # holds MNIST/raw/ with the four IDX files
-weights = DEFAULT_WEIGHTS     # file the trained state_dict is written to
-train_epoch = 3               # epochs to train
-batch_size = 128              # images per step
-lr = 0.003                    # peak AdamW learning rate of the one-cycle schedule
-weight_decay = 0.0001         # AdamW weight decay
+weights = DEFAULT_WEIGHTS     # non-empty: file the trained state_dict is written to
+train_epoch = 3               # [1, 10000]: epochs to train
+batch_size = 128              # >= 2: images per step
+lr = 0.003                    # > 0: peak AdamW learning rate of the one-cycle schedule
+weight_decay = 0.0001         # >= 0: AdamW weight decay
 device = 'auto'               # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
-seed = 0                      # seed of the initial weights and the batch order
+seed = 0                      # [0, 4294967295]: seed of the initial weights and the batch order
 
 
 # ---------------------------------------------------------------- the classifier
@@ -200,9 +200,8 @@ def load_split(train, run_device):
 
 
 def train(run_device):
-    if train_epoch < 1:
-        common.fail(f"--train_epoch={train_epoch}: train at least one epoch")
     images, labels = load_split(True, run_device)
+    common.require_a_batch(len(images), batch_size)
     test_images, test_labels = load_split(False, run_device)
     model = Classifier().to(run_device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
