@@ -286,15 +286,27 @@ MNIST_FILES = {True: ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
 
 
 def read_idx(path):
-    """An IDX file (gzipped or not) as a uint8 tensor of the shape its header gives."""
+    """An IDX file (gzipped or not) as a uint8 tensor of the shape its header gives; ValueError saying what
+    is wrong with a damaged, empty or truncated one."""
     opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack('>HBB', data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
-    shape = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+    try:
+        with opener(path, 'rb') as f:
+            data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a gzip stream cut short or garbled
+        raise ValueError(f"its gzip data is damaged: {e}") from None
+    if not data:
+        raise ValueError("it is empty")
+    if len(data) < 4 or data[:3] != b'\0\0\x08' or data[3] == 0:
+        raise ValueError("it is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError("its header is cut short")
+    shape = struct.unpack(f'>{ndim}I', data[4:header])
+    if len(data) - header != math.prod(shape):
+        raise ValueError(f"its header announces {math.prod(shape):,} bytes of data but it holds "
+                         f"{len(data) - header:,}: it is truncated or damaged")
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
 
 
 def _find_idx(raw_dir, name):
@@ -309,25 +321,39 @@ def load_mnist(data_dir, train=True):
     """MNIST as (uint8 images (N, 28, 28), int64 labels (N,)) from data_dir/MNIST/raw/.
 
     Missing files are fetched with torchvision's downloader; where that fails too, one line says
-    which files to put where.
+    which files to put where. A damaged, empty or truncated file is one line naming it.
     """
     raw_dir = os.path.join(data_dir, 'MNIST', 'raw')
     names = MNIST_FILES[train]
     if any(_find_idx(raw_dir, n) is None for n in names):
         _download_mnist(data_dir, raw_dir)
-    try:
-        images, labels = (read_idx(_find_idx(raw_dir, n)) for n in names)
-    except (OSError, ValueError, RuntimeError) as e:
-        fail(f"cannot read MNIST in {raw_dir}/ ({e}); replace the damaged files")
+    (images, image_path), (labels, label_path) = (_read_mnist_file(_find_idx(raw_dir, n)) for n in names)
+    if images.dim() != 3 or images.shape[1:] != (28, 28):
+        fail(f"{image_path} holds an array of shape {tuple(images.shape)}, not 28x28 images; {_REPLACE}")
+    if labels.dim() != 1 or labels.numel() and labels.max() > 9:
+        fail(f"{label_path} does not hold digit labels 0-9; {_REPLACE}")
     if images.shape[0] != labels.shape[0]:
-        fail(f"{raw_dir}/: {images.shape[0]} images but {labels.shape[0]} labels; replace the files")
+        fail(f"{image_path} holds {images.shape[0]} images but {label_path} {labels.shape[0]} labels; {_REPLACE}")
     return images, labels.long()
+
+
+_REPLACE = "replace it with a good copy, or delete it to download MNIST again"
+
+
+def _read_mnist_file(path):
+    """(the IDX file's array, its path), or stop with one line naming the file and what is wrong with it."""
+    try:
+        return read_idx(path), path
+    except OSError as e:
+        fail(f"cannot read {path} ({e.strerror or e}); {_REPLACE}")
+    except ValueError as e:
+        fail(f"{path} is damaged: {e}; {_REPLACE}")
 
 
 def _download_mnist(data_dir, raw_dir):
     from torchvision.datasets import MNIST
     wanted = ', '.join(n for pair in MNIST_FILES.values() for n in pair)
-    print(f"MNIST not found in {raw_dir}/; trying to download it ...", file=sys.stderr)
+    print(f"MNIST not found in {raw_dir}/; trying to download it ...", flush=True)
     try:
         MNIST(data_dir, train=True, download=True)
         MNIST(data_dir, train=False, download=True)
@@ -769,7 +795,10 @@ def image_folder_tensor(folder, size, command):
     epoch decodes a JPEG; <folder>.u8.json holds the shape and the folder's fingerprint, and a changed
     folder is decoded again. command is what makes the folder, for the one-line errors.
     """
-    classes, paths, labels, fingerprint = scan_image_folder(folder)
+    try:
+        classes, paths, labels, fingerprint = scan_image_folder(folder)
+    except OSError as e:  # an unreadable class folder, a broken link
+        fail(f"cannot read {e.filename or folder} ({e.strerror or e}); fix it or make {folder}/ again with: {command}")
     if not paths:
         fail(f"{folder}/ is missing or has no class folders of images; make it with: {command}")
     data_path = os.path.normpath(folder) + '.u8'
@@ -777,12 +806,16 @@ def image_folder_tensor(folder, size, command):
     if not cache_is_current(index, data_path):
         decode_into(data_path, paths, index['shape'], folder, command)
         save_json(index, data_path + '.json')  # last: a cache without its index is never trusted
-    images = torch.from_file(data_path, shared=False, size=math.prod(index['shape']), dtype=torch.uint8)
+    try:
+        images = torch.from_file(data_path, shared=False, size=math.prod(index['shape']), dtype=torch.uint8)
+    except RuntimeError as e:  # torch's reason, e.g. no permission to read it
+        fail(f"cannot read the cache {data_path} ({str(e).splitlines()[0]}); delete it, and it is decoded again")
     return images.view(index['shape']), labels, classes
 
 
 def cache_is_current(index, data_path):
-    """Whether data_path holds the images its index describes, of the folder as it is now."""
+    """Whether data_path holds the images its index describes, of the folder as it is now. A damaged index
+    or a cache of the wrong size (cut short by a full disk, say) is not: it is decoded again."""
     try:
         with open(data_path + '.json') as f:
             return json.load(f) == index and os.path.getsize(data_path) == math.prod(index['shape'])
@@ -807,8 +840,8 @@ def decode_into(data_path, paths, shape, folder, command):
                         fail(f"{path} is {im.width}x{im.height}, not {shape[3]}x{shape[2]}; "
                              f"delete {folder}/ and make it again with: {command}")
                     images[i] = pil_to_tensor(im.convert('RGB'))
-            except OSError:  # not an image, or a truncated one
-                fail(f"cannot decode {path}; delete it and make it again with: {command}")
+            except Exception:  # whatever a damaged file makes the decoder raise (OSError mostly), it means the same
+                fail(f"cannot decode {path}: it is damaged; delete it and make it again with: {command}")
     atomic_write(data_path, write)
 
 
