@@ -448,23 +448,23 @@ def save_grid(images, path, nrow, label=None):
     """Save images in [-1, 1] as one grid PNG, with an optional caption strip below it."""
     from PIL import Image, ImageDraw
     from torchvision.utils import make_grid, save_image
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    make_folder(os.path.dirname(path))
     grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
     if label is None:
-        save_image(grid, path)
+        atomic_write(path, lambda temp: save_image(grid, temp))
         return
     from torchvision.transforms.functional import to_pil_image
     picture = to_pil_image(grid)
     captioned = Image.new('RGB', (picture.width, picture.height + 16), 'white')
     captioned.paste(picture, (0, 0))
     ImageDraw.Draw(captioned).text((4, picture.height + 2), label, fill='black')
-    captioned.save(path)
+    atomic_write(path, captioned.save)
 
 
 def save_animation(frame_paths, gif_path, seconds_per_frame=0.5):
     import imageio.v2 as imageio
     frames = [imageio.imread(p) for p in frame_paths]
-    imageio.mimsave(gif_path, frames, duration=seconds_per_frame, loop=0)
+    atomic_write(gif_path, lambda temp: imageio.mimsave(temp, frames, duration=seconds_per_frame, loop=0))
 
 
 def plot_curves(history, panels, path):
@@ -483,20 +483,29 @@ def plot_curves(history, panels, path):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, fig.savefig)
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- writing and reading files
+
 def atomic_write(path, write):
-    """Call write(temp_path), then move the result into place: a reader never sees half a file."""
-    temp = f"{path}.tmp{os.getpid()}"
+    """Call write(temp_path), then move the result into place: a reader never sees half a file.
+
+    Where writing fails (a full disk, no permission, a file where a folder should be), the file at path
+    stays as it was, the temporary file is removed, and one line names the path, the cause and what to do.
+    """
+    root, extension = os.path.splitext(path)
+    temp = f"{root}.tmp{os.getpid()}{extension}"  # the extension kept: image writers pick the format by it
     try:
         write(temp)
         with open(temp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(temp, path)
+    except OSError as e:
+        output_failed(path, e)
     finally:
-        if os.path.exists(temp):
+        if os.path.lexists(temp):
             os.remove(temp)
 
 
@@ -505,6 +514,65 @@ def save_json(obj, path):
         with open(temp, 'w') as f:
             json.dump(obj, f, indent=1)
     atomic_write(path, write)
+
+
+def save_torch(obj, path):
+    """torch.save, atomically. Serialised in memory first: torch's own file writer turns a full disk into
+    a RuntimeError that has lost the cause, where a Python write keeps it."""
+    data = io.BytesIO()
+    torch.save(obj, data)
+
+    def write(temp):
+        with open(temp, 'wb') as f:
+            f.write(data.getbuffer())
+    atomic_write(path, write)
+
+
+def make_folder(path):
+    """os.makedirs, or one line saying why the folder cannot be made (a file of that name, no permission)."""
+    try:
+        os.makedirs(path or '.', exist_ok=True)
+    except OSError as e:
+        output_failed(path, e, 'make the folder')
+
+
+_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, 'EDQUOT', errno.ENOSPC)}
+
+
+def output_failed(path, error, action='write'):
+    """Stop with one line naming the output that could not be written, the cause and what to do."""
+    code = error.errno
+    if code in _FULL:
+        remedy = "free some space (or lift the limit on file sizes), then run the same command again"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        remedy = "make its folder writable or choose another, then run the same command again"
+    elif code in (errno.ENOTDIR, errno.EEXIST):
+        remedy = "a file stands where a folder should be; move it away or choose another folder"
+    elif code == errno.EISDIR:
+        remedy = "a folder stands where the file should be; move it away or choose another folder"
+    else:
+        remedy = "fix that, then run the same command again"
+    fail(f"cannot {action} {path} ({error.strerror or error}); {remedy}")
+
+
+def load_torch(path, remedy):
+    """What torch.save wrote to path, read as weights only, so no code in the file runs. A file that cannot
+    be read that way is damaged (or no file of weights) and stops the script with one line ending in
+    remedy: torch's advice to retry with weights_only=False would run whatever code the file holds."""
+    try:
+        f = open(path, 'rb')
+    except OSError as e:  # no permission, say: the file itself may be fine
+        fail(f"cannot read {path} ({e.strerror or e}); {remedy}")
+    with f, warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch warns of a pickle protocol before refusing the file anyway
+        try:
+            return torch.load(f, map_location='cpu', weights_only=True)
+        except Exception:  # whatever a truncated or garbled file makes the reader raise, it means the same
+            fail(f"{path} is damaged: it cannot be read as a file of weights; {remedy}")
+
+
+def is_state_dict(state):
+    return isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
 def generator_weights(results_dir, model_name, generate_from):
@@ -521,14 +589,21 @@ def generator_weights(results_dir, model_name, generate_from):
 
 
 def load_weights(model, path):
-    """Load a state_dict saved by a training run, or stop with one line saying how to get it."""
+    """Load a state_dict saved by a training run, or stop with one line saying how to get it.
+
+    A training run replaces its weight files atomically, so this reads complete files while it trains.
+    """
     if not os.path.exists(path):
         fail(f"no trained generator at {path}; train first (run the script without --generate)")
+    retrain = "delete it and train again (run the script without --generate)"
+    state = load_torch(path, retrain)
+    if not is_state_dict(state):
+        fail(f"{path} is damaged: it holds no state_dict of weights; {retrain}")
     try:
-        model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+        model.load_state_dict(state)
     except RuntimeError:
-        fail(f"{path} was trained with other model constants (d, img_size, ...); "
-             f"pass the ones it was trained with or use another --results_dir")
+        fail(f"{path} was trained with other model constants (z_dim, d, img_size, ...) or by another script; "
+             f"pass the constants it was trained with (its *_train_hist.json lists them) or another --results_dir")
     return model
 
 

@@ -74,10 +74,14 @@ def load_classifier(path, run_device):
     if not os.path.exists(path):
         common.fail(f"no trained MNIST classifier at {path}; run python mnist_classifier.py to train it")
     model = Classifier()
+    retrain = "run python mnist_classifier.py to train it again"
+    state = common.load_torch(path, retrain)
+    if not common.is_state_dict(state):
+        common.fail(f"{path} is damaged: it holds no state_dict of weights; {retrain}")
     try:
-        model.load_state_dict(torch.load(path, map_location='cpu', weights_only=True))
+        model.load_state_dict(state)
     except RuntimeError:
-        common.fail(f"{path} does not fit this Classifier; run python mnist_classifier.py to train it again")
+        common.fail(f"{path} does not fit this Classifier; {retrain}")
     return model.to(run_device).eval()
 
 
