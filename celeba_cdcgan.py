@@ -154,8 +154,8 @@ def train(run_device):
                      models={'generator': G, 'discriminator': D, 'generator_average': G_ema},
                      optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=scaler,
                      exports={'generator': G_ema.module, 'discriminator': D})
-    common.save_grid(common.to_unit_range(real_examples(images, labels)), run.path('raw_CelebA.png'), nrow=4)
     first_epoch = run.start(lambda: fixed_inputs(run_device))
+    common.save_grid(common.to_unit_range(real_examples(images, labels)), run.path('raw_CelebA.png'), nrow=4)
     fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
     loss = nn.BCEWithLogitsLoss()
     real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
@@ -196,12 +196,12 @@ def train(run_device):
             run.end_epoch(epoch, means.read(), seconds, batches.numel(), grids)
             if collapse.stops(run):
                 break
+        # Written after the last epoch, and again by a rerun of a finished run, like the plot and the GIF.
+        common.save_grid(common.sample(G_ema.module, fixed['morph_z'], fixed['morph_labels']),
+                         run.path(f"{run.name}_morp.png"), nrow=10)
+        run.finish()
     except KeyboardInterrupt:
         run.interrupted()
-    # Written after the last epoch, and again by a rerun of a finished run, like the plot and the GIF.
-    common.save_grid(common.sample(G_ema.module, fixed['morph_z'], fixed['morph_labels']),
-                     run.path(f"{run.name}_morp.png"), nrow=10)
-    run.finish()
 
 
 if __name__ == '__main__':

@@ -114,9 +114,9 @@ def train(run_device):
                      models={'generator': G, 'discriminator': D, 'generator_average': G_ema},
                      optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=scaler,
                      exports={'generator': G_ema.module, 'discriminator': D})
+    first_epoch = run.start(lambda: {'z': noise(25, run_device)})
     real = images[common.evenly_spaced(len(images), 25)]  # from across the set: it is sorted by gender
     common.save_grid(common.to_unit_range(real), run.path('raw_CelebA.png'), nrow=5)
-    first_epoch = run.start(lambda: {'z': noise(25, run_device)})
     fixed_z = run.fixed['z'].to(run_device)
     loss = nn.BCEWithLogitsLoss()
     real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
@@ -156,9 +156,9 @@ def train(run_device):
             run.end_epoch(epoch, means.read(), seconds, batches.numel(), grids)
             if collapse.stops(run):
                 break
+        run.finish()
     except KeyboardInterrupt:
         run.interrupted()
-    run.finish()
 
 
 if __name__ == '__main__':

@@ -694,12 +694,51 @@ def constants(namespace):
     return {name: namespace[name] for name in constant_names(namespace)}
 
 
+LOCK_FILE = 'run.lock'
+
+
+def lock_folder(folder):
+    """Claim folder for this process alone: an exclusive lock on folder/run.lock, which the OS releases
+    when the process ends, however it ends, so a killed run leaves no stale lock. Returns the open lock
+    file, to be kept open while the run writes; a second process stops here with one line naming the
+    process that holds the lock. Where the file system cannot lock (no fcntl, as on Windows; an NFS
+    mount without a lock service) one line warns that nothing keeps a second run out, and the run goes on.
+    """
+    path = os.path.join(folder, LOCK_FILE)
+    try:
+        lock = open(path, 'a+')  # not truncated on opening: the holder's line stays readable
+    except OSError as e:
+        output_failed(path, e)
+    try:
+        import fcntl
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # held: EWOULDBLOCK
+        lock.seek(0)
+        holder = lock.read().strip() or 'another process that is just starting'
+        fail(f"{folder}/ is in use by another run ({holder}); wait for it to end, or pass another --results_dir")
+    except (ImportError, OSError) as e:  # no fcntl, or ENOLCK / EOPNOTSUPP from the file system
+        cause = getattr(e, 'strerror', None) or 'this system has no fcntl'
+        print(f"warning: cannot lock {path} ({cause}); nothing stops a second run from writing to "
+              f"{folder}/ at the same time, so start only one there", file=sys.stderr, flush=True)
+        return lock
+    import datetime
+    import socket
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%Y-%m-%d %H:%M}: "
+               f"{' '.join(sys.argv)}\n")
+    lock.flush()
+    return lock
+
+
 class Run:
     """The files of one training run in results_dir and what survives an interruption.
 
-    After every epoch: the grids, the weights, the JSON history and a checkpoint with everything
-    needed to continue (models, optimizers, GradScaler, history, fixed inputs, RNG states, constants),
-    replaced atomically so a kill at any moment leaves the last complete epoch.
+    The run holds results_dir alone from start to finish (lock_folder). After every epoch: the grids,
+    the weights, the JSON history and last a checkpoint with everything needed to continue (models,
+    optimizers, GradScaler, history, fixed inputs, RNG states, constants, and which script and model
+    made it), each replaced atomically so a kill at any moment leaves the last complete epoch; only
+    then the epoch's line is printed, so a printed epoch is a saved one.
     """
     RUN_CONTROL = {'train_epoch', 'resume', 'generate', 'device', 'results_dir', 'data_dir', 'train_limit',
                    'precision', 'channels_last', 'compile'}
@@ -709,6 +748,7 @@ class Run:
         exports are saved as <Model>_<name>.pt; best_by: the history key (lower is better) whose best
         epoch's generator is kept as <Model>_generator_best.pt."""
         self.name = model_name
+        self.script = os.path.basename(sys.argv[0])
         self.config = config
         self.dir = config['results_dir']
         self.models = models
@@ -718,34 +758,52 @@ class Run:
         self.best_by = best_by
         self.history = []
         self.fixed = {}
+        self.saved_epoch = 0  # the epoch checkpoint.pt holds: what an interruption keeps
         self.checkpoint_path = os.path.join(self.dir, 'checkpoint.pt')
-        os.makedirs(self.dir, exist_ok=True)
+        make_folder(self.dir)
+        self.lock = lock_folder(self.dir)  # open until the process ends, and the lock with it
 
     def path(self, *parts):
         return os.path.join(self.dir, *parts)
 
     def start(self, make_fixed_inputs):
-        """The first epoch to train: 1, or the one after the checkpoint's when resuming."""
+        """The first epoch to train: 1, or the one after the checkpoint's when resuming.
+
+        The fixed inputs are drawn even when resuming: their shapes are what the checkpoint's must have
+        (quality_samples sets one), and the random state restored afterwards makes the draw harmless.
+        """
+        self.fixed = make_fixed_inputs()
         if self.config['resume'] and os.path.exists(self.checkpoint_path):
             return self._restore()
-        self.fixed = make_fixed_inputs()
         return 1
 
     def _restore(self):
-        try:
-            state = torch.load(self.checkpoint_path, map_location='cpu', weights_only=True)
-        except Exception as e:  # a damaged file is the user's to delete; say which
-            fail(f"cannot read {self.checkpoint_path} ({type(e).__name__}); delete it to start afresh")
+        afresh = "delete it or pass --resume=false to start afresh, or pass another --results_dir"
+        state = load_torch(self.checkpoint_path, afresh)
+        keys = {'epoch', 'config', 'history', 'fixed', 'models', 'optimizers', 'rng'}
+        if not isinstance(state, dict) or not keys <= state.keys():
+            fail(f"{self.checkpoint_path} is damaged: it is not a checkpoint of these scripts; {afresh}")
+        made_by = state.get('model', self.name)  # checkpoints from before the model was recorded: try them
+        if made_by != self.name:
+            script = state.get('script', 'another script')
+            fail(f"{self.checkpoint_path} is a checkpoint of {made_by} (made by {script}), not of {self.name}; "
+                 f"pass another --results_dir")
+        changed = [f"{k}={state['config'].get(k)!r} (now {v!r})" for k, v in self.config.items()
+                   if k not in self.RUN_CONTROL and state['config'].get(k) != v]
+        misfit = (f"{self.checkpoint_path} was made with other constants: {', '.join(changed)}; pass those, use "
+                  f"another --results_dir, or --resume=false to start afresh" if changed else
+                  f"{self.checkpoint_path} does not fit the models of this {self.script} (an older version made it?); "
+                  f"{afresh}")
+        shapes = {name: tuple(tensor.shape) for name, tensor in self.fixed.items()}
+        if {name: tuple(tensor.shape) for name, tensor in state['fixed'].items()} != shapes:
+            fail(misfit)
         try:
             for name, model in self.models.items():
                 model.load_state_dict(state['models'][name])
-        except RuntimeError:
-            changed = [f"{k}={state['config'].get(k)!r} (now {v!r})" for k, v in self.config.items()
-                       if k not in self.RUN_CONTROL and state['config'].get(k) != v]
-            fail(f"{self.checkpoint_path} was made with other constants: {', '.join(changed) or 'other models'}; "
-                 f"pass those, use another --results_dir, or --resume=false to start afresh")
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state['optimizers'][name])
+            for name, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(state['optimizers'][name])
+        except (RuntimeError, ValueError, KeyError):
+            fail(misfit)
         if self.scaler is not None and state.get('scaler'):  # empty where the run was not fp16
             self.scaler.load_state_dict(state['scaler'])
         self.history = state['history']
@@ -753,7 +811,7 @@ class Run:
         torch.set_rng_state(state['rng']['cpu'])
         if torch.cuda.is_available() and state['rng']['cuda']:
             torch.cuda.set_rng_state_all(state['rng']['cuda'])
-        epoch = state['epoch']
+        self.saved_epoch = epoch = state['epoch']
         if epoch >= self.config['train_epoch']:
             print(f"{self.dir}: already trained {epoch} epochs; rebuilding the final outputs "
                   f"(raise --train_epoch to train on)")
@@ -762,34 +820,38 @@ class Run:
         return epoch + 1
 
     def end_epoch(self, epoch, scores, seconds, n_images, grids):
-        """Record a finished epoch: check it, print its line, save grids, weights, history and checkpoint.
+        """Record a finished epoch: check it, save grids, weights, history and last the checkpoint, then
+        print its line.
 
         scores: the epoch's named means and quality scores, e.g. {'loss_d': ..., 'fid': ...};
         grids: {path: (images, columns)}, captioned "Epoch N".
         """
         bad = [k for k, v in scores.items() if not math.isfinite(v)]
         if bad:
-            kept = f"the checkpoint of epoch {epoch - 1} is kept in {self.dir}" if epoch > 1 else "no epoch was saved"
+            kept = (f"the checkpoint of epoch {self.saved_epoch} is kept in {self.dir}" if self.saved_epoch else
+                    "no epoch was saved")
             fail(f"epoch {epoch}: {', '.join(bad)} became {scores[bad[0]]}; training diverged and {kept}; "
                  f"try a lower --lr")
         stats = {'epoch': epoch, **scores, 'seconds': seconds, 'images_per_second': n_images / seconds}
         self.history.append(stats)
-        named = ''.join(f", {name}: {value:.3f}" for name, value in scores.items())
-        print(f"[{epoch}/{self.config['train_epoch']}] - ptime: {seconds:.2f}{named}, "
-              f"{stats['images_per_second']:.0f} img/s", flush=True)
         for path, (images, columns) in grids.items():
             save_grid(images, path, columns, label=f"Epoch {epoch}")
         for name, model in self.exports.items():
-            atomic_write(self.path(f"{self.name}_{name}.pt"), lambda t, m=model: torch.save(m.state_dict(), t))
+            save_torch(model.state_dict(), self.path(f"{self.name}_{name}.pt"))
         self._keep_if_best(epoch)
         self.save_history()
-        state = {'epoch': epoch, 'config': self.config, 'history': self.history, 'fixed': self.fixed,
+        state = {'epoch': epoch, 'model': self.name, 'script': self.script, 'config': self.config,
+                 'history': self.history, 'fixed': self.fixed,
                  'models': {n: m.state_dict() for n, m in self.models.items()},
                  'optimizers': {n: o.state_dict() for n, o in self.optimizers.items()},
                  'scaler': self.scaler.state_dict() if self.scaler is not None else {},
                  'rng': {'cpu': torch.get_rng_state(),
                          'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-        atomic_write(self.checkpoint_path, lambda t: torch.save(state, t))
+        save_torch(state, self.checkpoint_path)
+        self.saved_epoch = epoch
+        named = ''.join(f", {name}: {value:.3f}" for name, value in scores.items())
+        print(f"[{epoch}/{self.config['train_epoch']}] - ptime: {seconds:.2f}{named}, "
+              f"{stats['images_per_second']:.0f} img/s", flush=True)
 
     def best(self):
         """The history entry of the lowest best_by score, or None where none is measured."""
@@ -803,8 +865,7 @@ class Run:
     def _keep_if_best(self, epoch):
         best = self.best()
         if best is not None and best['epoch'] == epoch:
-            generator = self.exports['generator']
-            atomic_write(self.best_generator_path(), lambda t: torch.save(generator.state_dict(), t))
+            save_torch(self.exports['generator'].state_dict(), self.best_generator_path())
 
     def save_history(self):
         seconds = sum(h['seconds'] for h in self.history)
@@ -834,8 +895,10 @@ class Run:
                   f"in {self.best_generator_path()}")
 
     def interrupted(self):
-        done = self.history[-1]['epoch'] if self.history else 0
-        fail(f"interrupted; {self.checkpoint_path} holds epoch {done}. "
+        """Stop after a Ctrl-C with one line saying what checkpoint.pt really holds."""
+        if not self.saved_epoch:
+            fail("interrupted before the first epoch was saved; run the same command again to start", 130)
+        fail(f"interrupted; {self.checkpoint_path} holds epoch {self.saved_epoch}. "
              f"Run the same command again to resume", 130)
 
 

@@ -138,8 +138,8 @@ def train(run_device):
                      best_by='fid' if quality_samples else None)
     # Before start(), whose restored random state must not be drawn from by anything but training.
     quality = MnistQuality(data_dir, img_size, run_device) if quality_samples else None
-    common.save_grid(common.to_unit_range(images[:100]), run.path('raw_MNIST.png'), nrow=10)
     first_epoch = run.start(lambda: fixed_inputs(run_device))
+    common.save_grid(common.to_unit_range(images[:100]), run.path('raw_MNIST.png'), nrow=10)
     fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
     loss = nn.BCEWithLogitsLoss()
     real_target = torch.full((batch_size,), 1.0 - label_smoothing, device=run_device)
@@ -182,11 +182,11 @@ def train(run_device):
             run.end_epoch(epoch, {**means.read(), **scores}, seconds, batches.numel(), grids)
             if collapse.stops(run):
                 break
+        if quality:
+            quality.plot(run.history, run.path(f"{MODEL}_quality.png"))
+        run.finish()
     except KeyboardInterrupt:
         run.interrupted()
-    if quality:
-        quality.plot(run.history, run.path(f"{MODEL}_quality.png"))
-    run.finish()
 
 
 if __name__ == '__main__':

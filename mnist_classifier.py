@@ -212,28 +212,32 @@ def train(run_device):
     steps_per_epoch = len(images) // batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=train_epoch * steps_per_epoch)
     total = 0.0
-    for epoch in range(1, train_epoch + 1):
-        model.train()
-        loss_sum = torch.zeros((), device=run_device)  # read once per epoch, not per step
-        start = time.perf_counter()
-        batches = common.shuffled_batches(len(images), batch_size, run_device)
-        for index in common.progress(batches, f"epoch {epoch}"):
-            loss = F.cross_entropy(model(images[index]), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.detach()
-        test_accuracy = accuracy(model, test_images, test_labels)
-        common.synchronize(run_device)
-        seconds = time.perf_counter() - start
-        total += seconds
-        train_loss = loss_sum.item() / len(batches)
-        if not math.isfinite(train_loss):
-            common.fail(f"epoch {epoch}: the training loss became {train_loss}; try a lower --lr")
-        print(f"[{epoch}/{train_epoch}] train loss: {train_loss:.4f}, test accuracy: {test_accuracy:.4f}, "
-              f"{seconds:.1f} s", flush=True)
-    common.atomic_write(weights, lambda temp: torch.save(model.state_dict(), temp))
+    try:
+        for epoch in range(1, train_epoch + 1):
+            model.train()
+            loss_sum = torch.zeros((), device=run_device)  # read once per epoch, not per step
+            start = time.perf_counter()
+            batches = common.shuffled_batches(len(images), batch_size, run_device)
+            for index in common.progress(batches, f"epoch {epoch}"):
+                loss = F.cross_entropy(model(images[index]), labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.detach()
+            test_accuracy = accuracy(model, test_images, test_labels)
+            common.synchronize(run_device)
+            seconds = time.perf_counter() - start
+            total += seconds
+            train_loss = loss_sum.item() / len(batches)
+            if not math.isfinite(train_loss):
+                common.fail(f"epoch {epoch}: the training loss became {train_loss}; try a lower --lr")
+            print(f"[{epoch}/{train_epoch}] train loss: {train_loss:.4f}, test accuracy: {test_accuracy:.4f}, "
+                  f"{seconds:.1f} s", flush=True)
+    except KeyboardInterrupt:
+        common.fail(f"interrupted; {weights} is written only after the last epoch, so it was not changed. "
+                    f"Run the same command again to train", 130)
+    common.save_torch(model.state_dict(), weights)
     print(f"wrote {weights} ({os.path.getsize(weights) / 1e3:.0f} kB) after {total:.0f} s of training; "
           f"test accuracy {test_accuracy:.4f}")
 

@@ -110,9 +110,9 @@ def train(run_device):
                      best_by='fid' if quality_samples else None)
     # Before start(), whose restored random state must not be drawn from by anything but training.
     quality = MnistQuality(data_dir, img_size, run_device) if quality_samples else None
-    common.save_grid(common.to_unit_range(images[:25]), run.path('raw_MNIST.png'), nrow=5)
     first_epoch = run.start(lambda: {'z': noise(25, run_device),
                                      'quality_z': noise(quality_samples, run_device)})
+    common.save_grid(common.to_unit_range(images[:25]), run.path('raw_MNIST.png'), nrow=5)
     fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
     common.set_learning_rate((opt_G, opt_D), lr)  # over a resumed optimizer's, so --lr applies
     loss = nn.BCEWithLogitsLoss()
@@ -154,11 +154,11 @@ def train(run_device):
             run.end_epoch(epoch, {**means.read(), **scores}, seconds, batches.numel(), grids)
             if collapse.stops(run):
                 break
+        if quality:
+            quality.plot(run.history, run.path(f"{MODEL}_quality.png"))
+        run.finish()
     except KeyboardInterrupt:
         run.interrupted()
-    if quality:
-        quality.plot(run.history, run.path(f"{MODEL}_quality.png"))
-    run.finish()
 
 
 if __name__ == '__main__':
