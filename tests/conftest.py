@@ -1,6 +1,8 @@
-"""Shared fixtures: the repository on sys.path, tiny MNIST files in the real IDX format, a script runner."""
+"""Shared fixtures: the repository on sys.path, tiny MNIST files in the real IDX format, script runners."""
 import gzip
+import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -53,3 +55,45 @@ def run_script(script, *args, cwd, timeout=300, **popen):
     env = {**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
     return subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout, **popen)
+
+
+def folder_state(root, ignore=('run.lock',)):
+    """{relative path: (size, mtime, inode)} of everything under root: equal states mean nothing was
+    written, replaced or removed there (the scripts replace files, so a rewrite changes the inode).
+    run.lock is ignored: a run that takes the folder writes its own name there before it may refuse."""
+    state = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if name not in ignore:
+                info = os.lstat(path)
+                state[os.path.relpath(path, root)] = (info.st_size, info.st_mtime_ns, info.st_ino)
+    return state
+
+
+@pytest.fixture(scope='session')
+def script_server():
+    """run(script, args, cwd, timeout=60) -> {'status', 'stdout', 'stderr'}: each run in a fresh process
+    forked from tests/script_server.py, which loaded torch once, so a run that stops at once takes
+    milliseconds, not the seconds of a new Python loading torch."""
+    env = {**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+    server = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'script_server.py')], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+
+    def run(script, args, cwd, timeout=60):
+        server.stdin.write(json.dumps({'script': script, 'args': list(map(str, args)), 'cwd': str(cwd),
+                                       'timeout': timeout}) + '\n')
+        server.stdin.flush()
+        return json.loads(server.stdout.readline())
+    yield run
+    server.stdin.close()
+    server.wait(timeout=60)
+
+
+def copy_results(source, target):
+    """A copy of a folder of results in hard links, made in no time: the scripts only ever replace their
+    files, never change one in place, so a run on the copy leaves the source as it was. run.lock, which
+    is written in place, is copied. A test that damages a file of the copy must replace it too."""
+    def link(source_file, target_file):
+        (shutil.copy2 if os.path.basename(source_file) == 'run.lock' else os.link)(source_file, target_file)
+    shutil.copytree(source, target, copy_function=link)
