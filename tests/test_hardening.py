@@ -60,7 +60,7 @@ def replace_file(path, data):
 
 # ---------------------------------------------------------------- 1. every constant in its range
 
-@pytest.mark.parametrize('override, line', [
+OUT_OF_RANGE = [
     ('--train_epoch=0', '--train_epoch=0: choose a value in [1, 10000]'),
     ('--train_epoch=-1', '--train_epoch=-1: choose a value in [1, 10000]'),
     ('--z_dim=0', '--z_dim=0: choose a value in [1, 10000]'),
@@ -78,7 +78,10 @@ def replace_file(path, data):
     ('--generate_from=first', '--generate_from=first: choose best or last'),
     ('--device=meta', '--device=meta: choose auto, cpu, cuda, mps or one of them numbered, like cuda:1'),
     ('--train_limit=16', '--train_limit=16 is less than one batch of 32; raise it or lower --batch_size'),
-])
+]
+
+
+@pytest.mark.parametrize('override, line', OUT_OF_RANGE, ids=[override for override, _ in OUT_OF_RANGE])
 def test_a_constant_out_of_its_range_stops_before_anything_is_written(work, script_server, mnist_dir, override,
                                                                       line):
     before = folder_state(work)
@@ -86,7 +89,7 @@ def test_a_constant_out_of_its_range_stops_before_anything_is_written(work, scri
     assert folder_state(work) == before
 
 
-@pytest.mark.parametrize('script, override, line', [
+NEW_CONSTANTS_OUT_OF_RANGE = [
     ('mnist_cdcgan.py', '--d=7', '--d=7: choose a value in [2, 1024], even'),
     ('celeba_cdcgan.py', '--d=0', '--d=0: choose a value in [2, 1024], even'),
     ('mnist_dcgan.py', '--img_size=28', '--img_size=28: choose 64'),
@@ -95,7 +98,11 @@ def test_a_constant_out_of_its_range_stops_before_anything_is_written(work, scri
     ('mnist_cgan.py', '--compile=2', '--compile=2: expected bool (default False)'),
     ('celeba_dcgan.py', '--generate_from=first', '--generate_from=first: choose best or last'),
     ('mnist_cdcgan.py', '--precision=', '--precision=: choose one of auto, bf16, fp16, fp32'),
-])
+]
+
+
+@pytest.mark.parametrize('script, override, line', NEW_CONSTANTS_OUT_OF_RANGE,
+                         ids=[f'{script} {override}' for script, override, _ in NEW_CONSTANTS_OUT_OF_RANGE])
 def test_every_script_checks_every_constant(script_server, tmp_path, script, override, line):
     assert_refused(script_server(script, [override], tmp_path), 2, line)
     assert list(tmp_path.iterdir()) == []
@@ -249,8 +256,12 @@ def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tmp_path, cap
 
 def test_ctrl_c_while_starting_is_one_line(mnist_dir, tmp_path):
     process = start('mnist_gan.py', tiny(mnist_dir, 'out', 1), tmp_path)
-    time.sleep(0.5)  # torch is still loading
-    process.send_signal(signal.SIGINT)
+    maps = f'/proc/{process.pid}/maps'  # where Linux lists the libraries a process has loaded
+    deadline = time.time() + 60
+    while 'libtorch' not in open(maps).read():  # not before: Python itself may still be starting
+        assert time.time() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)  # while torch loads, a second or so before the script goes on
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert stderr == 'error: interrupted while starting, before any epoch was trained; run the same command again\n'
@@ -360,7 +371,7 @@ IMAGES = 'train-images-idx3-ubyte'
 LABELS = 'train-labels-idx1-ubyte'
 
 
-@pytest.mark.parametrize('name, damage, problem', [
+DAMAGED_MNIST = [
     (IMAGES + '.gz', lambda gz, raw: gz[:-100],
      'its gzip data is damaged: Compressed file ended before the end-of-stream marker was reached'),
     (IMAGES + '.gz', lambda gz, raw: b'no gzip here' * 10, "its gzip data is damaged: Not a gzipped file (b'no')"),
@@ -371,7 +382,10 @@ LABELS = 'train-labels-idx1-ubyte'
                                          'truncated or damaged'),
     (IMAGES, lambda gz, raw: b'\x00\x00\x0d\x03' + raw[4:], 'it is not an IDX file of unsigned bytes'),
     (IMAGES, lambda gz, raw: raw[:10], 'its header is cut short'),
-])
+]
+
+
+@pytest.mark.parametrize('name, damage, problem', DAMAGED_MNIST, ids=[problem[:30] for _, _, problem in DAMAGED_MNIST])
 def test_a_damaged_mnist_file_is_one_line_naming_it(mnist_dir, tmp_path, capsys, name, damage, problem):
     raw_dir = tmp_path / 'MNIST' / 'raw'
     shutil.copytree(mnist_dir / 'MNIST' / 'raw', raw_dir)
