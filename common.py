@@ -88,7 +88,6 @@ class Range:
     """
 
     def __init__(self, spec):
-        self.spec = spec
         self.even = spec.endswith(', even')
         parts = spec.removesuffix(', even').split(' or ')
         self.tests = [self._parse(part, alone=len(parts) == 1) for part in parts]
