@@ -780,7 +780,7 @@ class Run:
         afresh = "delete it or pass --resume=false to start afresh, or pass another --results_dir"
         state = load_torch(self.checkpoint_path, afresh)
         keys = {'epoch', 'config', 'history', 'fixed', 'models', 'optimizers', 'rng'}
-        if not isinstance(state, dict) or not keys <= state.keys():
+        if not isinstance(state, dict) or not keys <= state.keys() or not is_state_dict(state['fixed']):
             fail(f"{self.checkpoint_path} is damaged: it is not a checkpoint of these scripts; {afresh}")
         made_by = state.get('model', self.name)  # checkpoints from before the model was recorded: try them
         if made_by != self.name:
