@@ -137,8 +137,11 @@ def convert(job, zip_path, size, crop):
     except Exception as e:  # whatever a damaged file makes the decoder raise, skip it and go on
         return name, str(e) or type(e).__name__
     temp = os.path.join(os.path.dirname(target), '.' + name + TEMP_SUFFIX)
+    jpeg = BytesIO()  # encoded in memory: PIL's JPEG encoder writing to a file ignores a full disk
+    face.save(jpeg, 'JPEG', quality=JPEG_QUALITY)
     try:
-        face.save(temp, 'JPEG', quality=JPEG_QUALITY)
+        with open(temp, 'wb') as f:
+            f.write(jpeg.getbuffer())
         os.replace(temp, target)
     except OSError as e:  # a full disk, no permission: the main process stops with one line naming the target
         raise OSError(e.errno, e.strerror, target) from None

@@ -339,6 +339,21 @@ def test_a_full_disk_while_saving_keeps_the_last_checkpoint_and_no_temporary_fil
     assert not [path for path in after if '.tmp' in path]
 
 
+def test_celeba_preprocess_on_a_full_disk_stops_with_one_line_and_no_partial_face(tmp_path):
+    from test_celeba_preprocess import LISTED, write_images, write_txt
+    write_images(str(tmp_path / 'celeba' / 'img_align_celeba'))
+    write_txt(str(tmp_path / 'celeba' / 'list_attr_celeba.txt'), LISTED)
+
+    def full_at_a_kilobyte():  # no 64x64 face fits: PIL's JPEG encoder would write the first 1000 bytes, silently
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+    result = run_script('celeba_preprocess.py', '--celeba_dir=celeba', '--output_dir=out', '--workers=1',
+                        cwd=tmp_path, preexec_fn=full_at_a_kilobyte)
+    assert result.returncode == 1
+    assert result.stderr == ('error: cannot write out/female/000001.jpg (File too large); free some space '
+                             '(or lift the limit on file sizes), then run the same command again\n')
+    assert [path for path in (tmp_path / 'out').rglob('*') if path.is_file()] == []  # no cut face, no temp file
+
+
 def test_a_write_the_system_refuses_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, capsys):
     target = tmp_path / 'history.json'
     common.save_json({'epochs': 1}, str(target))
