@@ -463,7 +463,9 @@ def save_grid(images, path, nrow, label=None):
 def save_animation(frame_paths, gif_path, seconds_per_frame=0.5):
     import imageio.v2 as imageio
     frames = [imageio.imread(p) for p in frame_paths]
-    atomic_write(gif_path, lambda temp: imageio.mimsave(temp, frames, duration=seconds_per_frame, loop=0))
+    gif = io.BytesIO()  # encoded in memory: imageio reports a failed file write again, as a traceback, later
+    imageio.mimwrite(gif, frames, format='GIF', duration=seconds_per_frame, loop=0)
+    save_bytes(gif.getbuffer(), gif_path)
 
 
 def plot_curves(history, panels, path):
@@ -515,16 +517,20 @@ def save_json(obj, path):
     atomic_write(path, write)
 
 
-def save_torch(obj, path):
-    """torch.save, atomically. Serialised in memory first: torch's own file writer turns a full disk into
-    a RuntimeError that has lost the cause, where a Python write keeps it."""
-    data = io.BytesIO()
-    torch.save(obj, data)
-
+def save_bytes(data, path):
+    """Write data atomically, through Python's file write, which reports a full disk as the OSError it is."""
     def write(temp):
         with open(temp, 'wb') as f:
-            f.write(data.getbuffer())
+            f.write(data)
     atomic_write(path, write)
+
+
+def save_torch(obj, path):
+    """torch.save, atomically. Serialised in memory first: torch's own file writer turns a full disk into
+    a RuntimeError that has lost the cause."""
+    data = io.BytesIO()
+    torch.save(obj, data)
+    save_bytes(data.getbuffer(), path)
 
 
 def make_folder(path):
