@@ -33,7 +33,6 @@ def run_script(script, args, stdout_path, stderr_path):
     """In the child: run the script as the interpreter would and exit with its status."""
     for fd, path in ((1, stdout_path), (2, stderr_path)):
         os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.argv = [os.path.join(REPO, script), *args]
     status = 0
     try:
