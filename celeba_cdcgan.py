@@ -6,32 +6,31 @@ Sample:    python celeba_cdcgan.py --generate=8
 """
 import time
 
+import common  # before torch: from here on, even while torch loads, a Ctrl-C is one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import common
-
 isCrop = False                        # train on the tighter 108x108 face crop, with its own data and results folders
 data_dir = ''                         # holds female/ and male/ of 64x64 faces; '' = data/resized_celebA(_crop)
 results_dir = ''                      # grids, plots, weights, history, checkpoint; '' = CelebA_cDCGAN(_crop)_results
-train_epoch = 20                      # epochs to train (lr / 10 at the start of epochs 11 and 16)
-batch_size = 128                      # images per step
-lr = 0.0002                           # Adam learning rate of both networks
-beta1 = 0.5                           # Adam beta1
-z_dim = 100                           # length of the noise vector, drawn from N(0, 1)
-d = 128                               # width: G's layers have 8d, 4d, 2d, d channels, D's d/2, d, 2d, 4d, 8d
-img_size = 64                         # image side in pixels (the layers fix it at 64)
-train_limit = 0                       # 0: all 202,599 faces; N: N faces spread evenly over both genders
+train_epoch = 20                      # [1, 10000]: epochs to train (lr / 10 at the start of epochs 11 and 16)
+batch_size = 128                      # >= 2: images per step
+lr = 0.0002                           # > 0: Adam learning rate of both networks
+beta1 = 0.5                           # [0, 1): Adam beta1
+z_dim = 100                           # [1, 10000]: length of the noise vector, drawn from N(0, 1)
+d = 128                               # [2, 1024], even: width; G's layers have 8d, 4d, 2d, d channels, D's d/2 ... 8d
+img_size = 64                         # {64}: image side in pixels (the layers fix it at 64)
+train_limit = 0                       # >= 0: 0 = all 202,599 faces; N = N faces spread evenly over both genders
 device = 'auto'                       # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
-seed = 0                              # seed of every random draw
+seed = 0                              # [0, 4294967295]: seed of every random draw
 resume = True                         # continue from results_dir/checkpoint.pt when it exists
-generate = 0                          # N > 0: only write N new samples per gender from the trained G
-label_smoothing = 0.0                 # D's target for real images is 1 - this (one-sided); 0 = original
-ema_decay = 0.999                     # grids and saved G use an EMA of G's weights; 0 = original (raw G)
+generate = 0                          # [0, 1000]: 0 trains; N only writes N new samples per gender from the trained G
+label_smoothing = 0.0                 # [0, 1): D's target for real images is 1 - this (one-sided); 0 = original
+ema_decay = 0.999                     # [0, 1): grids and saved G use an EMA of G's weights; 0 = original (raw G)
 stop_on_collapse = False              # when D wins outright: True stops training, False goes on
-generate_from = 'last'                # --generate samples from the 'last' generator (no fid to pick a best)
-precision = 'auto'                    # auto (bf16 where this CPU or GPU runs it fast, else fp32), bf16, fp16, fp32
+generate_from = 'last'                # {best, last}: --generate samples from the last G (no fid measures a best)
+precision = 'auto'                    # {auto, bf16, fp16, fp32}: auto = bf16 where the device runs it fast, else fp32
 channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
 sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
 compile = False                       # torch.compile G and D (minutes to start; no clear gain measured here)
@@ -145,8 +144,6 @@ def train(world):
     run_device, rank_batch = world.device, batch_size // world.size  # each process's share of a batch
     ctx, scaler = common.mixed_precision(precision, run_device, BF16_BY_DEFAULT)
     fmt = common.memory_format(channels_last)
-    if img_size != 64:
-        common.fail(f"img_size={img_size}: this cDCGAN's layers make 64x64 images; drop --img_size")
     images, labels = common.load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, run_device)
 
     G = Generator(z_dim, d).to(run_device, memory_format=fmt)
@@ -160,8 +157,8 @@ def train(world):
                      models={'generator': G, 'discriminator': D, 'generator_average': G_ema},
                      optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=scaler,
                      exports={'generator': G_ema.module, 'discriminator': D})
-    common.save_grid(common.to_unit_range(real_examples(images, labels)), run.path('raw_CelebA.png'), nrow=4)
     first_epoch = run.start(lambda: fixed_inputs(run_device))
+    common.save_grid(common.to_unit_range(real_examples(images, labels)), run.path('raw_CelebA.png'), nrow=4)
     fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
     G, D = world.parallel(G), world.parallel(D)  # DistributedDataParallel under torchrun
     loss = nn.BCEWithLogitsLoss()
@@ -204,16 +201,19 @@ def train(world):
             run.end_epoch(epoch, means.read(), seconds, batches.numel(), grids)
             if collapse.stops(run):
                 break
+        # Written after the last epoch, and again by a rerun of a finished run, like the plot and the GIF.
+        common.save_grid(common.sample(G_ema.module, fixed['morph_z'], fixed['morph_labels']),
+                         run.path(f"{run.name}_morp.png"), nrow=10)
+        run.finish()
     except common.INTERRUPTIONS as cause:
         run.interrupted(cause)
-    # Written after the last epoch, and again by a rerun of a finished run, like the plot and the GIF.
-    common.save_grid(common.sample(G_ema.module, fixed['morph_z'], fixed['morph_labels']),
-                     run.path(f"{run.name}_morp.png"), nrow=10)
-    run.finish()
 
 
 if __name__ == '__main__':
     common.configure(globals())
+    if 0 < train_limit < batch_size:
+        common.fail(f"--train_limit={train_limit} is less than one batch of {batch_size}; "
+                    f"raise it or lower --batch_size", 2)
     data_dir = data_dir or common.celeba_folder(isCrop)
     results_dir = results_dir or f"{model_name()}_results"
     world = common.World(device, batch_size, generate, sync_batchnorm)  # one process, or torchrun's

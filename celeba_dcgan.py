@@ -6,31 +6,30 @@ Sample:    python celeba_dcgan.py --generate=25
 """
 import time
 
+import common  # before torch: from here on, even while torch loads, a Ctrl-C is one line
 import torch
 import torch.nn as nn
-
-import common
 
 isCrop = False                        # train on the tighter 108x108 face crop, with its own data and results folders
 data_dir = ''                         # holds female/ and male/ of 64x64 faces; '' = data/resized_celebA(_crop)
 results_dir = ''                      # grids, plots, weights, history, checkpoint; '' = CelebA_DCGAN(_crop)_results
-train_epoch = 20                      # epochs to train (lr / 10 at the start of epochs 11 and 16)
-batch_size = 128                      # images per step
-lr = 0.0002                           # Adam learning rate of both networks
-beta1 = 0.5                           # Adam beta1
-z_dim = 100                           # length of the noise vector, drawn from N(0, 1)
-d = 128                               # width: G's and D's layers have 8d, 4d, 2d, d channels
-img_size = 64                         # image side in pixels (the layers fix it at 64)
-train_limit = 0                       # 0: all 202,599 faces; N: N faces spread evenly over both genders
+train_epoch = 20                      # [1, 10000]: epochs to train (lr / 10 at the start of epochs 11 and 16)
+batch_size = 128                      # >= 2: images per step
+lr = 0.0002                           # > 0: Adam learning rate of both networks
+beta1 = 0.5                           # [0, 1): Adam beta1
+z_dim = 100                           # [1, 10000]: length of the noise vector, drawn from N(0, 1)
+d = 128                               # [1, 1024]: the width; G's and D's layers have 8d, 4d, 2d, d channels
+img_size = 64                         # {64}: image side in pixels (the layers fix it at 64)
+train_limit = 0                       # >= 0: 0 = all 202,599 faces; N = N faces spread evenly over both genders
 device = 'auto'                       # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
-seed = 0                              # seed of every random draw
+seed = 0                              # [0, 4294967295]: seed of every random draw
 resume = True                         # continue from results_dir/checkpoint.pt when it exists
-generate = 0                          # N > 0: only write a grid of N new samples from the trained G
-label_smoothing = 0.0                 # D's target for real images is 1 - this (one-sided); 0 = original
-ema_decay = 0.999                     # grids and saved G use an EMA of G's weights; 0 = original (raw G)
+generate = 0                          # [0, 1000]: 0 trains; N only writes a grid of N new samples from the trained G
+label_smoothing = 0.0                 # [0, 1): D's target for real images is 1 - this (one-sided); 0 = original
+ema_decay = 0.999                     # [0, 1): grids and saved G use an EMA of G's weights; 0 = original (raw G)
 stop_on_collapse = False              # when D wins outright: True stops training, False goes on
-generate_from = 'last'                # --generate samples from the 'last' generator (no fid to pick a best)
-precision = 'auto'                    # auto (bf16 where this CPU or GPU runs it fast, else fp32), bf16, fp16, fp32
+generate_from = 'last'                # {best, last}: --generate samples from the last G (no fid measures a best)
+precision = 'auto'                    # {auto, bf16, fp16, fp32}: auto = bf16 where the device runs it fast, else fp32
 channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
 sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
 compile = False                       # torch.compile G and D (minutes to start; no clear gain measured here)
@@ -105,8 +104,6 @@ def train(world):
     run_device, rank_batch = world.device, batch_size // world.size  # each process's share of a batch
     ctx, scaler = common.mixed_precision(precision, run_device, BF16_BY_DEFAULT)
     fmt = common.memory_format(channels_last)
-    if img_size != 64:
-        common.fail(f"img_size={img_size}: this DCGAN's layers make 64x64 images; drop --img_size")
     images, _ = common.load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, run_device)
 
     G = Generator(z_dim, d).to(run_device, memory_format=fmt)
@@ -120,9 +117,9 @@ def train(world):
                      models={'generator': G, 'discriminator': D, 'generator_average': G_ema},
                      optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=scaler,
                      exports={'generator': G_ema.module, 'discriminator': D})
+    first_epoch = run.start(lambda: {'z': noise(25, run_device)})
     real = images[common.evenly_spaced(len(images), 25)]  # from across the set: it is sorted by gender
     common.save_grid(common.to_unit_range(real), run.path('raw_CelebA.png'), nrow=5)
-    first_epoch = run.start(lambda: {'z': noise(25, run_device)})
     fixed_z = run.fixed['z'].to(run_device)
     G, D = world.parallel(G), world.parallel(D)  # DistributedDataParallel under torchrun
     loss = nn.BCEWithLogitsLoss()
@@ -164,13 +161,16 @@ def train(world):
             run.end_epoch(epoch, means.read(), seconds, batches.numel(), grids)
             if collapse.stops(run):
                 break
+        run.finish()
     except common.INTERRUPTIONS as cause:
         run.interrupted(cause)
-    run.finish()
 
 
 if __name__ == '__main__':
     common.configure(globals())
+    if 0 < train_limit < batch_size:
+        common.fail(f"--train_limit={train_limit} is less than one batch of {batch_size}; "
+                    f"raise it or lower --batch_size", 2)
     data_dir = data_dir or common.celeba_folder(isCrop)
     results_dir = results_dir or f"{model_name()}_results"
     world = common.World(device, batch_size, generate, sync_batchnorm)  # one process, or torchrun's

@@ -5,6 +5,9 @@ celeba_dir; torchvision's celeba/ subfolder and Kaggle's layout (img_align_celeb
 list_attr_celeba.csv) work too. A rerun skips the images already written, so an interrupted run is
 finished by running the same command again.
 """
+# common first: from here on a Ctrl-C is one line, even while the other modules load
+from common import celeba_folder, configure, fail, make_folder, output_failed
+
 import functools
 import math
 import os
@@ -18,13 +21,11 @@ from multiprocessing import Pool
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from common import celeba_folder, configure, fail
-
 celeba_dir = 'data/celebA'  # folder holding img_align_celeba/ (or img_align_celeba.zip) and list_attr_celeba.txt
 isCrop = False             # keep only the centred 108x108 face instead of the whole centred 178x178 square
-img_size = 64               # side of the square output images, in pixels
+img_size = 64               # [1, 1024]: side of the square output images, in pixels
 output_dir = ''             # where female/ and male/ go; '' = data/resized_celebA (data/resized_celebA_crop if isCrop)
-workers = 0                 # processes resizing in parallel; 0 = all cores
+workers = 0                 # [0, 256]: processes resizing in parallel; 0 = all cores
 
 CELEBA_PAGE = 'http://mmlab.ie.cuhk.edu.hk/projects/CelebA.html'
 # Kaggle's doubly nested folder first: its outer img_align_celeba/ holds only the inner one.
@@ -136,8 +137,17 @@ def convert(job, zip_path, size, crop):
     except Exception as e:  # whatever a damaged file makes the decoder raise, skip it and go on
         return name, str(e) or type(e).__name__
     temp = os.path.join(os.path.dirname(target), '.' + name + TEMP_SUFFIX)
-    face.save(temp, 'JPEG', quality=JPEG_QUALITY)
-    os.replace(temp, target)
+    jpeg = BytesIO()  # encoded in memory: PIL's JPEG encoder writing to a file ignores a full disk
+    face.save(jpeg, 'JPEG', quality=JPEG_QUALITY)
+    try:
+        with open(temp, 'wb') as f:
+            f.write(jpeg.getbuffer())
+        os.replace(temp, target)
+    except OSError as e:  # a full disk, no permission: the main process stops with one line naming the target
+        raise OSError(e.errno, e.strerror, target) from None
+    finally:  # and leaves no temp file
+        if os.path.lexists(temp):
+            os.remove(temp)
     return name, None
 
 
@@ -161,7 +171,7 @@ def written_names(out, size):
     done = {}
     for cls in CLASSES.values():
         folder = os.path.join(out, cls)
-        os.makedirs(folder, exist_ok=True)
+        make_folder(folder)
         names = os.listdir(folder)
         for name in names:
             if name.endswith(TEMP_SUFFIX):
@@ -189,8 +199,6 @@ def some(names):
 
 def main():
     configure(globals())
-    if img_size < 1 or workers < 0:
-        fail("--img_size must be at least 1 and --workers at least 0 (0 = all cores)", 2)
     started = time.time()
     images, attributes = locate(celeba_dir)
     genders = read_genders(attributes)
@@ -212,6 +220,8 @@ def main():
         results = convert_all(jobs, zip_path, img_size, isCrop, workers or os.cpu_count()) if jobs else []
     except KeyboardInterrupt:
         fail("interrupted; run the same command again to finish (the images written so far are kept)", 130)
+    except OSError as e:  # a worker could not write a face: a full disk, no permission
+        output_failed(e.filename or out, e)
 
     seconds = time.time() - started
     written = Counter(CLASSES[genders[name]] for name, problem in results if problem is None)

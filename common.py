@@ -1,22 +1,47 @@
 """Plumbing shared by the experiment scripts: overrides, device, data files, images, checkpoints.
 
-Nothing here is a model or a training step; each script keeps its own.
+Nothing here is a model or a training step; each script keeps its own. Importing this module makes a
+Ctrl-C that nothing else catches one line on stderr (exit status 130), so the scripts import it before
+torch: then even a Ctrl-C while torch loads is one line and not a traceback.
 """
-import atexit
-import contextlib
-import datetime
-import gzip
-import inspect
-import json
-import math
-import os
-import signal
-import struct
 import sys
-import time
-import tokenize
 
-import torch
+
+def _one_line_interrupt(kind, value, traceback, previous=sys.excepthook):
+    """A Ctrl-C that reaches the top of a script (start-up, not training: Run says what an epoch saved)."""
+    if not issubclass(kind, KeyboardInterrupt) or sys.flags.interactive or hasattr(sys, 'ps1'):
+        return previous(kind, value, traceback)
+    print("error: interrupted while starting, before any epoch was trained; run the same command again",
+          file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # os._exit: an excepthook cannot raise SystemExit, and Python would otherwise end by SIGINT, not 130.
+    import os
+    os._exit(130)
+
+
+sys.excepthook = _one_line_interrupt
+
+import atexit  # noqa: E402  (after the hook: these imports are where a start-up Ctrl-C lands)
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import errno  # noqa: E402
+import gzip  # noqa: E402
+import inspect  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import operator  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import struct  # noqa: E402
+import time  # noqa: E402
+import tokenize  # noqa: E402
+import warnings  # noqa: E402
+import zlib  # noqa: E402
+
+import torch  # noqa: E402
 
 
 # ---------------------------------------------------------------- constants and overrides
@@ -53,6 +78,69 @@ def constant_help(source_path):
     return help_of
 
 
+# The range a constant's comment opens with, before ': ' and its meaning (see constant_range).
+_NUMBER = r'-?\d+(?:\.\d*)?(?:e-?\d+)?'
+_BOUND = re.compile(rf'(>=|<=|>|<) ?({_NUMBER})$')
+_INTERVAL = re.compile(rf'([\[(])({_NUMBER}), ({_NUMBER})([\])])$')
+_CHOICES = re.compile(r'\{(.+)\}$')
+_VALUE = re.compile(rf'{_NUMBER}$')
+_COMPARE = {'>': operator.gt, '>=': operator.ge, '<': operator.lt, '<=': operator.le,
+            '[': operator.ge, '(': operator.gt, ']': operator.le, ')': operator.lt}
+
+
+class Range:
+    """The values a constant allows, parsed from the opening of its comment:
+
+        > 0    >= 1    < 1    [0, 1)    (0, 1]    {auto, bf16}    non-empty    0 or [2, 100000]    [2, 64], even
+
+    Bounds and intervals take numbers, {...} the allowed values themselves, `non-empty` any string
+    but ''; `or` joins alternatives, where a bare number stands for itself; `, even` asks for an even
+    number besides.
+    """
+
+    def __init__(self, spec):
+        self.even = spec.endswith(', even')
+        parts = spec.removesuffix(', even').split(' or ')
+        self.tests = [self._parse(part, alone=len(parts) == 1) for part in parts]
+
+    @staticmethod
+    def _parse(part, alone):
+        """(a description, a test of a value) for one alternative, or None if the part is no range."""
+        if m := _BOUND.match(part):
+            compare, bound = _COMPARE[m.group(1)], float(m.group(2))
+            return f"a value {m.group(1)} {m.group(2)}", lambda value: compare(value, bound)
+        if m := _INTERVAL.match(part):
+            above, low, high, below = _COMPARE[m.group(1)], float(m.group(2)), float(m.group(3)), _COMPARE[m.group(4)]
+            return f"a value in {part}", lambda value: above(value, low) and below(value, high)
+        if m := _CHOICES.match(part):
+            choices = [c.strip() for c in m.group(1).split(',')]
+            return " or ".join(choices) if len(choices) < 3 else f"one of {', '.join(choices)}", \
+                lambda value: str(value) in choices
+        if part == 'non-empty':
+            return "a non-empty value", lambda value: value != ''
+        if not alone and _VALUE.match(part):
+            return part, lambda value: value == float(part)
+        return None
+
+    def is_range(self):
+        return None not in self.tests
+
+    def allows(self, value):
+        return any(test(value) for _, test in self.tests) and not (self.even and value % 2)
+
+    def describe(self):
+        return ' or '.join(description for description, _ in self.tests) + (', even' if self.even else '')
+
+
+def constant_range(comment):
+    """The Range a constant's comment opens with (`> 0: Adam learning rate`), or None if it opens with none."""
+    spec, colon, _ = comment.partition(': ')
+    if not colon:
+        return None
+    allowed = Range(spec)
+    return allowed if allowed.is_range() else None
+
+
 def parse_value(name, text, default):
     """Read `text` as the type of the constant's default value; fail with one line if it is not."""
     kind = type(default)
@@ -72,28 +160,40 @@ def parse_value(name, text, default):
 
 
 def configure(namespace, argv=None):
-    """Apply `--name=value` overrides to a script's constants in place, nanoGPT style.
+    """Apply `--name=value` overrides to a script's constants in place, nanoGPT style, and check every
+    constant against the range its comment opens with, before the script does anything.
 
-    `--help` lists every constant with its value and meaning. Returns the constants as a dict.
+    `--help` lists every constant with its value, range and meaning. Returns the constants as a dict.
     """
     argv = sys.argv[1:] if argv is None else argv
     names = constant_names(namespace)
+    help_of = constant_help(namespace['__file__'])
     if '--help' in argv or '-h' in argv:
-        help_of = constant_help(namespace['__file__'])
         print((namespace.get('__doc__') or '').strip())
-        print("\nConstants (override any as --name=value):")
+        print("\nConstants (override any as --name=value; a range before the colon says which values it takes):")
         width = max(len(n) for n in names)
         for name in names:
             print(f"  --{name:<{width}} = {namespace[name]!r:<24} {help_of.get(name, '')}")
         raise SystemExit(0)
+    defaults, given = {name: namespace[name] for name in names}, {}
     for arg in argv:
         if not arg.startswith('--') or '=' not in arg:
             fail(f"cannot read argument {arg!r}: write --name=value (see --help)", 2)
         name, text = arg[2:].split('=', 1)
         if name not in names:
             fail(f"unknown constant {name!r}; valid: {', '.join(names)}", 2)
-        namespace[name] = parse_value(name, text, namespace[name])
+        namespace[name] = parse_value(name, text, defaults[name])
+        given[name] = text
+    for name in names:
+        allowed = constant_range(help_of.get(name, ''))
+        if allowed is not None and not allowed.allows(namespace[name]):
+            where = (f"--{name}={given[name]}" if name in given else
+                     f"{name} = {namespace[name]!r} in {os.path.basename(namespace['__file__'])}")
+            fail(f"{where}: choose {allowed.describe()}", 2)
     return {name: namespace[name] for name in names}
+
+
+DEVICE_TYPES = ('cpu', 'cuda', 'mps')
 
 
 def pick_device(choice, local_rank=None):
@@ -101,16 +201,22 @@ def pick_device(choice, local_rank=None):
     On CUDA, fp32 work may use TF32 and cuDNN picks the fastest convolution for the (fixed) batch shape."""
     if choice == 'auto':
         choice = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
-    if local_rank is not None and choice.startswith('cuda'):
-        if choice != 'cuda':
-            fail(f"--device={choice}: under torchrun each process takes the GPU of its LOCAL_RANK; "
-                 f"use --device=cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs", 2)
-        choice = f'cuda:{local_rank}'
     try:
         device = torch.device(choice)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in DEVICE_TYPES:
+        fail(f"--device={choice}: choose auto, {', '.join(DEVICE_TYPES)} or one of them numbered, like cuda:1", 2)
+    if local_rank is not None and device.type == 'cuda':
+        if device.index is not None:
+            fail(f"--device={choice}: under torchrun each process takes the GPU of its LOCAL_RANK; "
+                 f"use --device=cuda (or auto), and CUDA_VISIBLE_DEVICES to choose the GPUs", 2)
+        device = torch.device('cuda', local_rank)
+    try:
         torch.empty(1, device=device)
     except (RuntimeError, AssertionError) as e:
-        fail(f"device {choice!r} is not usable here ({str(e).splitlines()[0]}); use --device=auto or cpu")
+        cause = str(e).splitlines()[0].split('. ')[0]  # torch's first sentence: its advice is for developers
+        fail(f"device {choice!r} is not usable here ({cause}); use --device=auto or cpu")
     if device.type == 'cuda':
         torch.backends.cuda.matmul.fp32_precision = 'tf32'
         torch.backends.cudnn.conv.fp32_precision = 'tf32'
@@ -298,15 +404,27 @@ MNIST_FILES = {True: ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
 
 
 def read_idx(path):
-    """An IDX file (gzipped or not) as a uint8 tensor of the shape its header gives."""
+    """An IDX file (gzipped or not) as a uint8 tensor of the shape its header gives; ValueError saying what
+    is wrong with a damaged, empty or truncated one."""
     opener = gzip.open if path.endswith('.gz') else open
-    with opener(path, 'rb') as f:
-        data = f.read()
-    zero, dtype, ndim = struct.unpack('>HBB', data[:4])
-    if zero != 0 or dtype != 0x08:
-        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
-    shape = struct.unpack(f'>{ndim}I', data[4:4 + 4 * ndim])
-    return torch.frombuffer(bytearray(data[4 + 4 * ndim:]), dtype=torch.uint8).reshape(shape)
+    try:
+        with opener(path, 'rb') as f:
+            data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:  # a gzip stream cut short or garbled
+        raise ValueError(f"its gzip data is damaged: {e}") from None
+    if not data:
+        raise ValueError("it is empty")
+    if len(data) < 4 or data[:3] != b'\0\0\x08' or data[3] == 0:
+        raise ValueError("it is not an IDX file of unsigned bytes")
+    ndim = data[3]
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError("its header is cut short")
+    shape = struct.unpack(f'>{ndim}I', data[4:header])
+    if len(data) - header != math.prod(shape):
+        raise ValueError(f"its header announces {math.prod(shape):,} bytes of data but it holds "
+                         f"{len(data) - header:,}: it is truncated or damaged")
+    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
 
 
 def _find_idx(raw_dir, name):
@@ -321,7 +439,7 @@ def load_mnist(data_dir, train=True):
     """MNIST as (uint8 images (N, 28, 28), int64 labels (N,)) from data_dir/MNIST/raw/.
 
     Missing files are fetched with torchvision's downloader; where that fails too, one line says
-    which files to put where.
+    which files to put where. A damaged, empty or truncated file is one line naming it.
     """
     raw_dir = os.path.join(data_dir, 'MNIST', 'raw')
     names = MNIST_FILES[train]
@@ -329,19 +447,33 @@ def load_mnist(data_dir, train=True):
         if writes_files():  # under torchrun rank 0 downloads while the others wait
             _download_mnist(data_dir, raw_dir)
         barrier()
-    try:
-        images, labels = (read_idx(_find_idx(raw_dir, n)) for n in names)
-    except (OSError, ValueError, RuntimeError) as e:
-        fail(f"cannot read MNIST in {raw_dir}/ ({e}); replace the damaged files")
+    (images, image_path), (labels, label_path) = (_read_mnist_file(_find_idx(raw_dir, n)) for n in names)
+    if images.dim() != 3 or images.shape[1:] != (28, 28):
+        fail(f"{image_path} holds an array of shape {tuple(images.shape)}, not 28x28 images; {_REPLACE}")
+    if labels.dim() != 1 or labels.numel() and labels.max() > 9:
+        fail(f"{label_path} does not hold digit labels 0-9; {_REPLACE}")
     if images.shape[0] != labels.shape[0]:
-        fail(f"{raw_dir}/: {images.shape[0]} images but {labels.shape[0]} labels; replace the files")
+        fail(f"{image_path} holds {images.shape[0]} images but {label_path} {labels.shape[0]} labels; {_REPLACE}")
     return images, labels.long()
+
+
+_REPLACE = "replace it with a good copy, or delete it to download MNIST again"
+
+
+def _read_mnist_file(path):
+    """(the IDX file's array, its path), or stop with one line naming the file and what is wrong with it."""
+    try:
+        return read_idx(path), path
+    except OSError as e:
+        fail(f"cannot read {path} ({e.strerror or e}); {_REPLACE}")
+    except ValueError as e:
+        fail(f"{path} is damaged: {e}; {_REPLACE}")
 
 
 def _download_mnist(data_dir, raw_dir):
     from torchvision.datasets import MNIST
     wanted = ', '.join(n for pair in MNIST_FILES.values() for n in pair)
-    print(f"MNIST not found in {raw_dir}/; trying to download it ...", file=sys.stderr)
+    print(f"MNIST not found in {raw_dir}/; trying to download it ...", flush=True)
     try:
         MNIST(data_dir, train=True, download=True)
         MNIST(data_dir, train=False, download=True)
@@ -443,17 +575,17 @@ def save_grid(images, path, nrow, label=None):
     from torchvision.utils import make_grid, save_image
     if not writes_files():
         return
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    make_folder(os.path.dirname(path))
     grid = make_grid(images.detach().float().cpu(), nrow=nrow, padding=2, normalize=True, value_range=(-1, 1))
     if label is None:
-        save_image(grid, path)
+        atomic_write(path, lambda temp: save_image(grid, temp))
         return
     from torchvision.transforms.functional import to_pil_image
     picture = to_pil_image(grid)
     captioned = Image.new('RGB', (picture.width, picture.height + 16), 'white')
     captioned.paste(picture, (0, 0))
     ImageDraw.Draw(captioned).text((4, picture.height + 2), label, fill='black')
-    captioned.save(path)
+    atomic_write(path, captioned.save)
 
 
 def save_animation(frame_paths, gif_path, seconds_per_frame=0.5):
@@ -461,7 +593,9 @@ def save_animation(frame_paths, gif_path, seconds_per_frame=0.5):
     if not writes_files():
         return
     frames = [imageio.imread(p) for p in frame_paths]
-    imageio.mimsave(gif_path, frames, duration=seconds_per_frame, loop=0)
+    gif = io.BytesIO()  # encoded in memory: imageio reports a failed file write again, as a traceback, later
+    imageio.mimwrite(gif, frames, format='GIF', duration=seconds_per_frame, loop=0)
+    save_bytes(gif.getbuffer(), gif_path)
 
 
 def plot_curves(history, panels, path):
@@ -482,23 +616,32 @@ def plot_curves(history, panels, path):
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, fig.savefig)
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- writing and reading files
+
 def atomic_write(path, write):
     """Call write(temp_path), then move the result into place: a reader never sees half a file.
-    Under torchrun only rank 0 writes."""
+
+    Where writing fails (a full disk, no permission, a file where a folder should be), the file at path
+    stays as it was, the temporary file is removed, and one line names the path, the cause and what to do.
+    Under torchrun only rank 0 writes.
+    """
     if not writes_files():
         return
-    temp = f"{path}.tmp{os.getpid()}"
+    root, extension = os.path.splitext(path)
+    temp = f"{root}.tmp{os.getpid()}{extension}"  # the extension kept: image writers pick the format by it
     try:
         write(temp)
         with open(temp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(temp, path)
+    except OSError as e:
+        output_failed(path, e)
     finally:
-        if os.path.exists(temp):
+        if os.path.lexists(temp):
             os.remove(temp)
 
 
@@ -507,6 +650,69 @@ def save_json(obj, path):
         with open(temp, 'w') as f:
             json.dump(obj, f, indent=1)
     atomic_write(path, write)
+
+
+def save_bytes(data, path):
+    """Write data atomically, through Python's file write, which reports a full disk as the OSError it is."""
+    def write(temp):
+        with open(temp, 'wb') as f:
+            f.write(data)
+    atomic_write(path, write)
+
+
+def save_torch(obj, path):
+    """torch.save, atomically. Serialised in memory first: torch's own file writer turns a full disk into
+    a RuntimeError that has lost the cause."""
+    data = io.BytesIO()
+    torch.save(obj, data)
+    save_bytes(data.getbuffer(), path)
+
+
+def make_folder(path):
+    """os.makedirs, or one line saying why the folder cannot be made (a file of that name, no permission)."""
+    try:
+        os.makedirs(path or '.', exist_ok=True)
+    except OSError as e:
+        output_failed(path, e, 'make the folder')
+
+
+_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, 'EDQUOT', errno.ENOSPC)}
+
+
+def output_failed(path, error, action='write'):
+    """Stop with one line naming the output that could not be written, the cause and what to do."""
+    code = error.errno
+    if code in _FULL:
+        remedy = "free some space (or lift the limit on file sizes), then run the same command again"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        remedy = "make its folder writable or choose another, then run the same command again"
+    elif code in (errno.ENOTDIR, errno.EEXIST):
+        remedy = "a file stands where a folder should be; move it away or choose another folder"
+    elif code == errno.EISDIR:
+        remedy = "a folder stands where the file should be; move it away or choose another folder"
+    else:
+        remedy = "fix that, then run the same command again"
+    fail(f"cannot {action} {path} ({error.strerror or error}); {remedy}")
+
+
+def load_torch(path, remedy):
+    """What torch.save wrote to path, read as weights only, so no code in the file runs. A file that cannot
+    be read that way is damaged (or no file of weights) and stops the script with one line ending in
+    remedy: torch's advice to retry with weights_only=False would run whatever code the file holds."""
+    try:
+        f = open(path, 'rb')
+    except OSError as e:  # no permission, say: the file itself may be fine
+        fail(f"cannot read {path} ({e.strerror or e}); {remedy}")
+    with f, warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch warns of a pickle protocol before refusing the file anyway
+        try:
+            return torch.load(f, map_location='cpu', weights_only=True)
+        except Exception:  # whatever a truncated or garbled file makes the reader raise, it means the same
+            fail(f"{path} is damaged: it cannot be read as a file of weights; {remedy}")
+
+
+def is_state_dict(state):
+    return isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
 def generator_weights(results_dir, model_name, generate_from):
@@ -534,15 +740,21 @@ def read_state_dict(path):
 
 
 def load_weights(model, path):
-    """Load a state_dict saved by a training run, or stop with one line saying how to get it."""
+    """Load a state_dict saved by a training run, or stop with one line saying how to get it.
+
+    A training run replaces its weight files atomically, so this reads complete files while it trains.
+    """
     if not os.path.exists(path):
         fail(f"no trained generator at {path}; train first (run the script without --generate)")
-    state = read_state_dict(path)
+    retrain = "delete it and train again (run the script without --generate)"
+    state = load_torch(path, retrain)
+    if not is_state_dict(state):
+        fail(f"{path} is damaged: it holds no state_dict of weights; {retrain}")
     try:
         model.load_state_dict(state)
     except RuntimeError:
-        fail(f"{path} was trained with other model constants (d, img_size, ...); "
-             f"pass the ones it was trained with or use another --results_dir")
+        fail(f"{path} was trained with other model constants (z_dim, d, img_size, ...) or by another script; "
+             f"pass the constants it was trained with (its *_train_hist.json lists them) or another --results_dir")
     return model
 
 
@@ -644,12 +856,50 @@ def constants(namespace):
     return {name: namespace[name] for name in constant_names(namespace)}
 
 
+LOCK_FILE = 'run.lock'
+
+
+def lock_folder(folder):
+    """Claim folder for this process alone: an exclusive lock on folder/run.lock, which the OS releases
+    when the process ends, however it ends, so a killed run leaves no stale lock. Returns the open lock
+    file, to be kept open while the run writes; a second process stops here with one line naming the
+    process that holds the lock. Where the file system cannot lock (no fcntl, as on Windows; an NFS
+    mount without a lock service) one line warns that nothing keeps a second run out, and the run goes on.
+    """
+    path = os.path.join(folder, LOCK_FILE)
+    try:
+        lock = open(path, 'a+')  # not truncated on opening: the holder's line stays readable
+    except OSError as e:
+        output_failed(path, e)
+    try:
+        import fcntl
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # held: EWOULDBLOCK
+        lock.seek(0)
+        holder = lock.read().strip() or 'another process that is just starting'
+        fail(f"{folder}/ is in use by another run ({holder}); wait for it to end, or pass another --results_dir")
+    except (ImportError, OSError) as e:  # no fcntl, or ENOLCK / EOPNOTSUPP from the file system
+        cause = getattr(e, 'strerror', None) or 'this system has no fcntl'
+        print(f"warning: cannot lock {path} ({cause}); nothing stops a second run from writing to "
+              f"{folder}/ at the same time, so start only one there", file=sys.stderr, flush=True)
+        return lock
+    import socket
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%Y-%m-%d %H:%M}: "
+               f"{' '.join(sys.argv)}\n")
+    lock.flush()
+    return lock
+
+
 class Run:
     """The files of one training run in results_dir and what survives an interruption.
 
-    After every epoch: the grids, the weights, the JSON history and a checkpoint with everything
-    needed to continue (models, optimizers, GradScaler, history, fixed inputs, RNG states, constants),
-    replaced atomically so a kill at any moment leaves the last complete epoch.
+    The run holds results_dir alone from start to finish (lock_folder). After every epoch: the grids,
+    the weights, the JSON history and last a checkpoint with everything needed to continue (models,
+    optimizers, GradScaler, history, fixed inputs, RNG states, constants, and which script and model
+    made it), each replaced atomically so a kill at any moment leaves the last complete epoch; only
+    then the epoch's line is printed, so a printed epoch is a saved one.
     """
     RUN_CONTROL = {'train_epoch', 'resume', 'generate', 'device', 'results_dir', 'data_dir', 'train_limit',
                    'precision', 'channels_last', 'compile'}
@@ -659,6 +909,7 @@ class Run:
         exports are saved as <Model>_<name>.pt; best_by: the history key (lower is better) whose best
         epoch's generator is kept as <Model>_generator_best.pt."""
         self.name = model_name
+        self.script = os.path.basename(sys.argv[0])
         self.config = config
         self.dir = config['results_dir']
         self.models = models
@@ -668,9 +919,12 @@ class Run:
         self.best_by = best_by
         self.history = []
         self.fixed = {}
+        self.saved_epoch = 0  # the epoch checkpoint.pt holds: what an interruption keeps
         self.checkpoint_path = os.path.join(self.dir, 'checkpoint.pt')
+        self.lock = None
         if writes_files():
-            os.makedirs(self.dir, exist_ok=True)
+            make_folder(self.dir)
+            self.lock = lock_folder(self.dir)  # open until the process ends, and the lock with it
 
     def path(self, *parts):
         return os.path.join(self.dir, *parts)
@@ -678,36 +932,50 @@ class Run:
     def start(self, make_fixed_inputs):
         """The first epoch to train: 1, or the one after the checkpoint's when resuming.
 
+        The fixed inputs are drawn even when resuming: their shapes are what the checkpoint's must have
+        (quality_samples sets one), and the random state restored afterwards makes the draw harmless.
         Called once the models are made, from the same seed in every process, so all start alike; from
         here each process of a torchrun draws its own noise (rank 0 the stream a single process draws).
         """
         if rank():
             torch.manual_seed(hash((self.config['seed'], rank())))
+        self.fixed = make_fixed_inputs()
         if self.config['resume'] and os.path.exists(self.checkpoint_path):
             return self._restore()
-        self.fixed = make_fixed_inputs()
         return 1
 
     def _restore(self):
-        try:
-            state = torch.load(self.checkpoint_path, map_location='cpu', weights_only=True)
-        except Exception as e:  # a damaged file is the user's to delete; say which
-            fail(f"cannot read {self.checkpoint_path} ({type(e).__name__}); delete it to start afresh")
+        afresh = "delete it or pass --resume=false to start afresh, or pass another --results_dir"
+        state = load_torch(self.checkpoint_path, afresh)
+        keys = {'epoch', 'config', 'history', 'fixed', 'models', 'optimizers', 'rng'}
+        if not isinstance(state, dict) or not keys <= state.keys() or not is_state_dict(state['fixed']):
+            fail(f"{self.checkpoint_path} is damaged: it is not a checkpoint of these scripts; {afresh}")
+        made_by = state.get('model', self.name)  # checkpoints from before the model was recorded: try them
+        if made_by != self.name:
+            script = state.get('script', 'another script')
+            fail(f"{self.checkpoint_path} is a checkpoint of {made_by} (made by {script}), not of {self.name}; "
+                 f"pass another --results_dir")
+        changed = [f"{k}={state['config'].get(k)!r} (now {v!r})" for k, v in self.config.items()
+                   if k not in self.RUN_CONTROL and state['config'].get(k) != v]
+        misfit = (f"{self.checkpoint_path} was made with other constants: {', '.join(changed)}; pass those, use "
+                  f"another --results_dir, or --resume=false to start afresh" if changed else
+                  f"{self.checkpoint_path} does not fit the models of this {self.script} (an older version made it?); "
+                  f"{afresh}")
+        shapes = {name: tuple(tensor.shape) for name, tensor in self.fixed.items()}
+        if {name: tuple(tensor.shape) for name, tensor in state['fixed'].items()} != shapes:
+            fail(misfit)
         try:
             for name, model in self.models.items():
                 model.load_state_dict(state['models'][name])
-        except RuntimeError:
-            changed = [f"{k}={state['config'].get(k)!r} (now {v!r})" for k, v in self.config.items()
-                       if k not in self.RUN_CONTROL and state['config'].get(k) != v]
-            fail(f"{self.checkpoint_path} was made with other constants: {', '.join(changed) or 'other models'}; "
-                 f"pass those, use another --results_dir, or --resume=false to start afresh")
-        for name, optimizer in self.optimizers.items():
-            optimizer.load_state_dict(state['optimizers'][name])
+            for name, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(state['optimizers'][name])
+        except (RuntimeError, ValueError, KeyError):
+            fail(misfit)
         if self.scaler is not None and state.get('scaler'):  # empty where the run was not fp16
             self.scaler.load_state_dict(state['scaler'])
         self.history = state['history']
         self.fixed = state['fixed']
-        epoch = state['epoch']
+        self.saved_epoch = epoch = state['epoch']
         streams = state['rng']  # one per process of the run that saved it
         if len(streams) == world_size():
             torch.set_rng_state(streams[rank()]['cpu'])
@@ -725,7 +993,8 @@ class Run:
         return epoch + 1
 
     def end_epoch(self, epoch, scores, seconds, n_images, grids):
-        """Record a finished epoch: check it, print its line, save grids, weights, history and checkpoint.
+        """Record a finished epoch: check it, save grids, weights, history and last the checkpoint, then
+        print its line.
 
         scores: the epoch's named means and quality scores, e.g. {'loss_d': ..., 'fid': ...};
         grids: {path: (images, columns)}, captioned "Epoch N"; n_images: this process's, of all processes'.
@@ -733,27 +1002,30 @@ class Run:
         """
         bad = [k for k, v in scores.items() if not math.isfinite(v)]
         if bad:
-            kept = f"the checkpoint of epoch {epoch - 1} is kept in {self.dir}" if epoch > 1 else "no epoch was saved"
+            kept = (f"the checkpoint of epoch {self.saved_epoch} is kept in {self.dir}" if self.saved_epoch else
+                    "no epoch was saved")
             fail(f"epoch {epoch}: {', '.join(bad)} became {scores[bad[0]]}; training diverged and {kept}; "
                  f"try a lower --lr")
         stats = {'epoch': epoch, **scores, 'seconds': seconds, 'images_per_second': n_images * world_size() / seconds}
         self.history.append(stats)
-        named = ''.join(f", {name}: {value:.3f}" for name, value in scores.items())
-        print(f"[{epoch}/{self.config['train_epoch']}] - ptime: {seconds:.2f}{named}, "
-              f"{stats['images_per_second']:.0f} img/s", flush=True)
         for path, (images, columns) in grids.items():
             save_grid(images, path, columns, label=f"Epoch {epoch}")
         for name, model in self.exports.items():
-            atomic_write(self.path(f"{self.name}_{name}.pt"), lambda t, m=model: torch.save(m.state_dict(), t))
+            save_torch(model.state_dict(), self.path(f"{self.name}_{name}.pt"))
         self._keep_if_best(epoch)
         self.save_history()
-        state = {'epoch': epoch, 'config': self.config, 'history': self.history, 'fixed': self.fixed,
+        state = {'epoch': epoch, 'model': self.name, 'script': self.script, 'config': self.config,
+                 'history': self.history, 'fixed': self.fixed,
                  'models': {n: m.state_dict() for n, m in self.models.items()},
                  'optimizers': {n: o.state_dict() for n, o in self.optimizers.items()},
                  'scaler': self.scaler.state_dict() if self.scaler is not None else {},
                  'rng': gather({'cpu': torch.get_rng_state(),
                                 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None})}
-        atomic_write(self.checkpoint_path, lambda t: torch.save(state, t))
+        save_torch(state, self.checkpoint_path)
+        self.saved_epoch = epoch
+        named = ''.join(f", {name}: {value:.3f}" for name, value in scores.items())
+        print(f"[{epoch}/{self.config['train_epoch']}] - ptime: {seconds:.2f}{named}, "
+              f"{stats['images_per_second']:.0f} img/s", flush=True)
         barrier()
 
     def best(self):
@@ -768,8 +1040,7 @@ class Run:
     def _keep_if_best(self, epoch):
         best = self.best()
         if best is not None and best['epoch'] == epoch:
-            generator = self.exports['generator']
-            atomic_write(self.best_generator_path(), lambda t: torch.save(generator.state_dict(), t))
+            save_torch(self.exports['generator'].state_dict(), self.best_generator_path())
 
     def save_history(self):
         seconds = sum(h['seconds'] for h in self.history)
@@ -783,9 +1054,13 @@ class Run:
         return self.path('Random_results', f"{self.name}_{epoch}.png")
 
     def finish(self):
-        """Loss plot, animation and the closing timing line, from the whole history."""
-        if not self.history:
-            return
+        """Loss plot, animation and the closing timing line, from the whole history; then the folder is free."""
+        if self.history:
+            self._final_outputs()
+        if self.lock is not None:
+            self.lock.close()  # and with the file, the lock: a run in this same process may take the folder
+
+    def _final_outputs(self):
         plot_curves(self.history, [('loss', ['loss_d', 'loss_g'], 'linear')], self.path(f"{self.name}_train_hist.png"))
         frames = [self.fixed_grid_path(h['epoch']) for h in self.history]
         save_animation([p for p in frames if os.path.exists(p)], self.path(f"{self.name}_generation_animation.gif"))
@@ -799,11 +1074,14 @@ class Run:
                   f"in {self.best_generator_path()}")
 
     def interrupted(self, cause):
-        """Stop on one of INTERRUPTIONS with one line: what stopped the run and what is saved."""
-        done = self.history[-1]['epoch'] if self.history else 0
-        saved = f"{self.checkpoint_path} holds epoch {done}. Run the same command again to resume"
+        """Stop on one of INTERRUPTIONS with one line: what stopped the run and what checkpoint.pt really holds."""
+        if not self.saved_epoch:
+            saved = "no epoch was saved yet; run the same command again to start"
+        else:
+            saved = f"{self.checkpoint_path} holds epoch {self.saved_epoch}. Run the same command again to resume"
         if isinstance(cause, KeyboardInterrupt):
-            fail(f"interrupted; {saved}", 130)
+            fail(f"interrupted before the first epoch was saved; run the same command again to start"
+                 if not self.saved_epoch else f"interrupted; {saved}", 130)
         if isinstance(cause, Stopped):
             fail(f"stopped by SIGTERM; {saved}", 143, every_rank=True)
         if world_size() == 1:  # a RuntimeError of one process is a bug to see in full
@@ -843,7 +1121,10 @@ def image_folder_tensor(folder, size, command):
     epoch decodes a JPEG; <folder>.u8.json holds the shape and the folder's fingerprint, and a changed
     folder is decoded again. command is what makes the folder, for the one-line errors.
     """
-    classes, paths, labels, fingerprint = scan_image_folder(folder)
+    try:
+        classes, paths, labels, fingerprint = scan_image_folder(folder)
+    except OSError as e:  # an unreadable class folder, a broken link
+        fail(f"cannot read {e.filename or folder} ({e.strerror or e}); fix it or make {folder}/ again with: {command}")
     if not paths:
         fail(f"{folder}/ is missing or has no class folders of images; make it with: {command}")
     data_path = os.path.normpath(folder) + '.u8'
@@ -853,12 +1134,16 @@ def image_folder_tensor(folder, size, command):
         save_json(index, data_path + '.json')  # last: a cache without its index is never trusted
     while not cache_is_current(index, data_path):  # under torchrun: rank 0 decodes, for minutes on all of CelebA
         time.sleep(1)
-    images = torch.from_file(data_path, shared=False, size=math.prod(index['shape']), dtype=torch.uint8)
+    try:
+        images = torch.from_file(data_path, shared=False, size=math.prod(index['shape']), dtype=torch.uint8)
+    except RuntimeError as e:  # torch's reason, e.g. no permission to read it
+        fail(f"cannot read the cache {data_path} ({str(e).splitlines()[0]}); delete it, and it is decoded again")
     return images.view(index['shape']), labels, classes
 
 
 def cache_is_current(index, data_path):
-    """Whether data_path holds the images its index describes, of the folder as it is now."""
+    """Whether data_path holds the images its index describes, of the folder as it is now. A damaged index
+    or a cache of the wrong size (cut short by a full disk, say) is not: it is decoded again."""
     try:
         with open(data_path + '.json') as f:
             return json.load(f) == index and os.path.getsize(data_path) == math.prod(index['shape'])
@@ -883,8 +1168,8 @@ def decode_into(data_path, paths, shape, folder, command):
                         fail(f"{path} is {im.width}x{im.height}, not {shape[3]}x{shape[2]}; "
                              f"delete {folder}/ and make it again with: {command}")
                     images[i] = pil_to_tensor(im.convert('RGB'))
-            except OSError:  # not an image, or a truncated one
-                fail(f"cannot decode {path}; delete it and make it again with: {command}")
+            except Exception:  # whatever a damaged file makes the decoder raise (OSError mostly), it means the same
+                fail(f"cannot decode {path}: it is damaged; delete it and make it again with: {command}")
     atomic_write(data_path, write)
 
 

@@ -14,24 +14,23 @@ import math
 import os
 import time
 
+import common  # before torch: from here on, even while torch loads, a Ctrl-C is one line
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-import common
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_classifier.pt')
 CLASSIFIER_SIZE = 28   # the classifier reads 28x28 images, MNIST's own size
 EVAL_BATCH = 500       # images per forward pass when not training: bounds memory, not results
 
 data_dir = 'data'             # holds MNIST/raw/ with the four IDX files
-weights = DEFAULT_WEIGHTS     # file the trained state_dict is written to
-train_epoch = 3               # epochs to train
-batch_size = 128              # images per step
-lr = 0.003                    # peak AdamW learning rate of the one-cycle schedule
-weight_decay = 0.0001         # AdamW weight decay
+weights = DEFAULT_WEIGHTS     # non-empty: file the trained state_dict is written to
+train_epoch = 3               # [1, 10000]: epochs to train
+batch_size = 128              # >= 2: images per step
+lr = 0.003                    # > 0: peak AdamW learning rate of the one-cycle schedule
+weight_decay = 0.0001         # >= 0: AdamW weight decay
 device = 'auto'               # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
-seed = 0                      # seed of the initial weights and the batch order
+seed = 0                      # [0, 4294967295]: seed of the initial weights and the batch order
 
 
 # ---------------------------------------------------------------- the classifier
@@ -75,11 +74,14 @@ def load_classifier(path, run_device):
     if not os.path.exists(path):
         common.fail(f"no trained MNIST classifier at {path}; run python mnist_classifier.py to train it")
     model = Classifier()
-    state = common.read_state_dict(path)
+    retrain = "run python mnist_classifier.py to train it again"
+    state = common.load_torch(path, retrain)
+    if not common.is_state_dict(state):
+        common.fail(f"{path} is damaged: it holds no state_dict of weights; {retrain}")
     try:
         model.load_state_dict(state)
     except RuntimeError:
-        common.fail(f"{path} does not fit this Classifier; run python mnist_classifier.py to train it again")
+        common.fail(f"{path} does not fit this Classifier; {retrain}")
     return model.to(run_device).eval()
 
 
@@ -202,37 +204,40 @@ def load_split(train, run_device):
 
 
 def train(run_device):
-    if train_epoch < 1:
-        common.fail(f"--train_epoch={train_epoch}: train at least one epoch")
     images, labels = load_split(True, run_device)
+    common.require_a_batch(len(images), batch_size)
     test_images, test_labels = load_split(False, run_device)
     model = Classifier().to(run_device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = len(images) // batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=train_epoch * steps_per_epoch)
     total = 0.0
-    for epoch in range(1, train_epoch + 1):
-        model.train()
-        loss_sum = torch.zeros((), device=run_device)  # read once per epoch, not per step
-        start = time.perf_counter()
-        batches = common.shuffled_batches(len(images), batch_size, run_device, seed, epoch)
-        for index in common.progress(batches, f"epoch {epoch}"):
-            loss = F.cross_entropy(model(images[index]), labels[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.detach()
-        test_accuracy = accuracy(model, test_images, test_labels)
-        common.synchronize(run_device)
-        seconds = time.perf_counter() - start
-        total += seconds
-        train_loss = loss_sum.item() / len(batches)
-        if not math.isfinite(train_loss):
-            common.fail(f"epoch {epoch}: the training loss became {train_loss}; try a lower --lr")
-        print(f"[{epoch}/{train_epoch}] train loss: {train_loss:.4f}, test accuracy: {test_accuracy:.4f}, "
-              f"{seconds:.1f} s", flush=True)
-    common.atomic_write(weights, lambda temp: torch.save(model.state_dict(), temp))
+    try:
+        for epoch in range(1, train_epoch + 1):
+            model.train()
+            loss_sum = torch.zeros((), device=run_device)  # read once per epoch, not per step
+            start = time.perf_counter()
+            batches = common.shuffled_batches(len(images), batch_size, run_device, seed, epoch)
+            for index in common.progress(batches, f"epoch {epoch}"):
+                loss = F.cross_entropy(model(images[index]), labels[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                loss_sum += loss.detach()
+            test_accuracy = accuracy(model, test_images, test_labels)
+            common.synchronize(run_device)
+            seconds = time.perf_counter() - start
+            total += seconds
+            train_loss = loss_sum.item() / len(batches)
+            if not math.isfinite(train_loss):
+                common.fail(f"epoch {epoch}: the training loss became {train_loss}; try a lower --lr")
+            print(f"[{epoch}/{train_epoch}] train loss: {train_loss:.4f}, test accuracy: {test_accuracy:.4f}, "
+                  f"{seconds:.1f} s", flush=True)
+    except KeyboardInterrupt:
+        common.fail(f"interrupted; {weights} is written only after the last epoch, so it was not changed. "
+                    f"Run the same command again to train", 130)
+    common.save_torch(model.state_dict(), weights)
     print(f"wrote {weights} ({os.path.getsize(weights) / 1e3:.0f} kB) after {total:.0f} s of training; "
           f"test accuracy {test_accuracy:.4f}")
 

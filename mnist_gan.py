@@ -5,32 +5,32 @@ Sample:    python mnist_gan.py --generate=25
 """
 import time
 
+import common  # before torch: from here on, even while torch loads, a Ctrl-C is one line
 import torch
 import torch.nn as nn
 
-import common
 from mnist_classifier import MnistQuality
 
 data_dir = 'data'                     # holds MNIST/raw/ with the four IDX files
-results_dir = 'MNIST_GAN_results'     # grids, plots, weights, history and checkpoint go here
-train_epoch = 100                     # epochs to train (no lr decay)
-batch_size = 128                      # images per step
-lr = 0.0002                           # Adam learning rate of both networks
-beta1 = 0.9                           # Adam beta1 (the original kept PyTorch's default)
-z_dim = 100                           # length of the noise vector, drawn from N(0, 1)
-img_size = 28                         # image side in pixels
-train_limit = 0                       # 0: all 60,000 training images; N: only the first N
+results_dir = 'MNIST_GAN_results'     # non-empty: grids, plots, weights, history and checkpoint go here
+train_epoch = 100                     # [1, 10000]: epochs to train (no lr decay)
+batch_size = 128                      # >= 2: images per step
+lr = 0.0002                           # > 0: Adam learning rate of both networks
+beta1 = 0.9                           # [0, 1): Adam beta1 (the original kept PyTorch's default)
+z_dim = 100                           # [1, 10000]: length of the noise vector, drawn from N(0, 1)
+img_size = 28                         # [8, 256]: image side in pixels
+train_limit = 0                       # >= 0: 0 = all 60,000 training images; N = only the first N
 device = 'auto'                       # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
-seed = 0                              # seed of every random draw
+seed = 0                              # [0, 4294967295]: seed of every random draw
 resume = True                         # continue from results_dir/checkpoint.pt when it exists
-generate = 0                          # N > 0: only write a grid of N new samples from the trained G
-label_smoothing = 0.0                 # D's target for real images is 1 - this (one-sided); 0 = original
-ema_decay = 0.999                     # grids and saved G use an EMA of G's weights; 0 = original (raw G)
-quality_samples = 2000                # samples scored after each epoch (fid, class_entropy, class_acc); 0 = off
-collapse_factor = 4.0                 # an epoch whose fid is over this times the best is reported as a collapse
+generate = 0                          # [0, 1000]: 0 trains; N only writes a grid of N new samples from the trained G
+label_smoothing = 0.0                 # [0, 1): D's target for real images is 1 - this (one-sided); 0 = original
+ema_decay = 0.999                     # [0, 1): grids and saved G use an EMA of G's weights; 0 = original (raw G)
+quality_samples = 2000                # 0 or [2, 100000]: samples scored after each epoch (fid, class_entropy); 0 = off
+collapse_factor = 4.0                 # 0 or > 1: an epoch whose fid is over this times the best is a collapse; 0 = off
 stop_on_collapse = False              # on a collapse: True stops training, False goes on; the best G is kept
-generate_from = 'best'                # --generate samples from the 'best' generator by fid, or the 'last'
-precision = 'auto'                    # auto (here fp32: see BF16_BY_DEFAULT), bf16, fp16, fp32
+generate_from = 'best'                # {best, last}: --generate samples from the best generator by fid, or the last
+precision = 'auto'                    # {auto, bf16, fp16, fp32}: auto = fp32 here (see BF16_BY_DEFAULT)
 compile = False                       # torch.compile G and D (minutes to start; no clear gain measured here)
 
 MODEL = 'MNIST_GAN'
@@ -95,9 +95,9 @@ def train(world):
                      best_by='fid' if quality_samples else None)
     # Before start(), whose restored random state must not be drawn from by anything but training.
     quality = MnistQuality(data_dir, img_size, run_device) if quality_samples else None
-    common.save_grid(common.to_unit_range(images[:25]), run.path('raw_MNIST.png'), nrow=5)
     first_epoch = run.start(lambda: {'z': noise(25, run_device),
                                      'quality_z': noise(quality_samples, run_device)})
+    common.save_grid(common.to_unit_range(images[:25]), run.path('raw_MNIST.png'), nrow=5)
     fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
     G, D = world.parallel(G), world.parallel(D)  # DistributedDataParallel under torchrun
     common.set_learning_rate((opt_G, opt_D), lr)  # over a resumed optimizer's, so --lr applies
@@ -141,15 +141,18 @@ def train(world):
             run.end_epoch(epoch, {**means.read(), **scores}, seconds, batches.numel(), grids)
             if collapse.stops(run):
                 break
+        if quality:
+            quality.plot(run.history, run.path(f"{MODEL}_quality.png"))
+        run.finish()
     except common.INTERRUPTIONS as cause:
         run.interrupted(cause)
-    if quality:
-        quality.plot(run.history, run.path(f"{MODEL}_quality.png"))
-    run.finish()
 
 
 if __name__ == '__main__':
     common.configure(globals())
+    if 0 < train_limit < batch_size:
+        common.fail(f"--train_limit={train_limit} is less than one batch of {batch_size}; "
+                    f"raise it or lower --batch_size", 2)
     world = common.World(device, batch_size, generate)  # one process, or torchrun's
     torch.manual_seed(seed)
     if generate:

@@ -29,8 +29,8 @@ import common  # noqa: E402  (the repository root is put on the path first)
 scripts = 'mnist_gan.py,mnist_cgan.py,mnist_dcgan.py,mnist_cdcgan.py,celeba_dcgan.py,celeba_cdcgan.py'  # comma-separated
 precisions = ''           # comma-separated; '' = those the device runs natively: fp32 and bf16 (and fp16 on CUDA)
 layouts = '1x1,1x2'       # processes x torch threads each, comma-separated: 2x1 is torchrun with 2 processes (CPU)
-repeats = 3               # interleaved rounds of every measurement
-steps = 1                 # batches per epoch: one warm-up epoch, then one timed epoch
+repeats = 3               # >= 1: interleaved rounds of every measurement
+steps = 1                 # >= 1: batches per epoch: one warm-up epoch, then one timed epoch
 device = 'auto'           # auto (cuda, else mps, else cpu), cpu, cuda
 smoke = False             # tiny models (d = 8, batch 16) and one round: a check that the benchmark works
 output = 'benchmarks/speed.json'  # the measurements and the table's inputs, for the README

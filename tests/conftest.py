@@ -3,6 +3,7 @@ import gzip
 import json
 import os
 import runpy
+import shutil
 import struct
 import subprocess
 import sys
@@ -54,17 +55,21 @@ def write_faces(folder, counts, size=64, seed=0):
             Image.fromarray(pixels).save(os.path.join(folder, cls, f'{seed * 1000 + i:06d}.jpg'), quality=95)
 
 
-@pytest.fixture(scope='session')
-def mnist_dir(tmp_path_factory):
-    """A data_dir holding MNIST/raw/ with 512 training and 128 test images."""
-    data_dir = tmp_path_factory.mktemp('data')
+def write_mnist(data_dir, digits, n_train, n_test):
+    """data_dir/MNIST/raw/ with the four IDX files, of digits(n, seed): seed 0 for training, 1 for test."""
     raw = data_dir / 'MNIST' / 'raw'
     raw.mkdir(parents=True)
-    for prefix, n, seed in (('train', 512, 0), ('t10k', 128, 1)):
-        images, labels = fake_digits(n, seed)
+    for prefix, n, seed in (('train', n_train, 0), ('t10k', n_test, 1)):
+        images, labels = digits(n, seed)
         write_idx(raw / f'{prefix}-images-idx3-ubyte.gz', images)
         write_idx(raw / f'{prefix}-labels-idx1-ubyte.gz', labels)
     return data_dir
+
+
+@pytest.fixture(scope='session')
+def mnist_dir(tmp_path_factory):
+    """A data_dir holding MNIST/raw/ with 512 training and 128 test images."""
+    return write_mnist(tmp_path_factory.mktemp('data'), fake_digits, 512, 128)
 
 
 # Downloads must fail fast and for sure, whatever network the machine has.
@@ -204,3 +209,45 @@ def assert_equal_trees(a, b, where):
         assert torch.equal(a, b), where
     else:
         assert a == b, where
+
+
+def folder_state(root, ignore=('run.lock',)):
+    """{relative path: (size, mtime, inode)} of everything under root: equal states mean nothing was
+    written, replaced or removed there (the scripts replace files, so a rewrite changes the inode).
+    run.lock is ignored: a run that takes the folder writes its own name there before it may refuse."""
+    state = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if name not in ignore:
+                info = os.lstat(path)
+                state[os.path.relpath(path, root)] = (info.st_size, info.st_mtime_ns, info.st_ino)
+    return state
+
+
+@pytest.fixture(scope='session')
+def script_server():
+    """run(script, args, cwd, timeout=60) -> {'status', 'stdout', 'stderr'}: each run in a fresh process
+    forked from tests/script_server.py, which loaded torch once, so a run that stops at once takes
+    milliseconds, not the seconds of a new Python loading torch."""
+    env = {**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+    server = subprocess.Popen([sys.executable, str(REPO / 'tests' / 'script_server.py')], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
+
+    def run(script, args, cwd, timeout=60):
+        server.stdin.write(json.dumps({'script': script, 'args': list(map(str, args)), 'cwd': str(cwd),
+                                       'timeout': timeout}) + '\n')
+        server.stdin.flush()
+        return json.loads(server.stdout.readline())
+    yield run
+    server.stdin.close()
+    server.wait(timeout=60)
+
+
+def copy_results(source, target):
+    """A copy of a folder of results in hard links, made in no time: the scripts only ever replace their
+    files, never change one in place, so a run on the copy leaves the source as it was. run.lock, which
+    is written in place, is copied. A test that damages a file of the copy must replace it too."""
+    def link(source_file, target_file):
+        (shutil.copy2 if os.path.basename(source_file) == 'run.lock' else os.link)(source_file, target_file)
+    shutil.copytree(source, target, copy_function=link)

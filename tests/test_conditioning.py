@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import run_in_process, write_faces, write_idx
+from conftest import run_in_process, write_faces, write_mnist
 
 # script, classes, image side, constructor widths, how D takes the label ('vector' or 'planes')
 MODELS = [('mnist_cgan.py', 10, 28, {}, 'vector'),
@@ -103,13 +103,7 @@ def easy_digits(n, seed):
 @pytest.fixture(scope='module')
 def easy_mnist(tmp_path_factory):
     """A data_dir of 1024 easy_digits in MNIST's IDX files, and the images as the test knows them."""
-    data_dir = tmp_path_factory.mktemp('easy')
-    raw = data_dir / 'MNIST' / 'raw'
-    raw.mkdir(parents=True)
-    for prefix, n, seed in (('train', 1024, 0), ('t10k', 64, 1)):
-        images, labels = easy_digits(n, seed)
-        write_idx(raw / f'{prefix}-images-idx3-ubyte.gz', images)
-        write_idx(raw / f'{prefix}-labels-idx1-ubyte.gz', labels)
+    data_dir = write_mnist(tmp_path_factory.mktemp('easy'), easy_digits, 1024, 64)
     return data_dir, *easy_digits(1024, 0)
 
 

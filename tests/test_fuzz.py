@@ -1,0 +1,97 @@
+"""Random overrides for every training script: each draw either runs or stops with one line and status 1
+or 2, never a traceback, and a draw that stops leaves the results folder as it was.
+
+Each draw overrides one to three constants with values of every kind (the wrong type, edges, out of
+range, empty, huge) on top of a tiny run that resumes a folder trained one epoch: so a draw meets the
+range checks, the checks of a checkpoint against its constants, and the tiny run itself.
+"""
+import importlib
+import os
+import random
+import shutil
+
+import pytest
+
+import common
+from conftest import copy_results, folder_state
+from test_celeba_training import write_faces
+
+DRAWS = 20  # per script: with a fixed seed, the same draws every time
+
+INTS = ['-1', '0', '1', '2', '3', '', ' ', 'abc', '1.5', '1e3', '0x10', '99999999999999999999', '-99999999999999999999']
+FLOATS = ['-1', '0', '0.5', '1', '2', '1e-3', '1e30', '1e400', 'nan', 'inf', '-inf', '', 'abc']
+BOOLS = ['true', 'false', '0', '1', 'yes', 'off', '', 'maybe', '2']
+BY_NAME = {
+    # compile=true would be a minute of compiling per draw: only false, or values it refuses, are drawn
+    'compile': ['false', '0', 'maybe', '', '2'],
+    'results_dir': ['out', 'fresh', '', ' ', 'a_file', 'a_file/below', 'out/nested'],
+    'data_dir': ['{data}', '', 'nowhere', 'a_file'],
+    'device': ['cpu', 'auto', 'cuda', 'cuda:1', 'mps', 'meta', 'gpu', '', 'cpu:0'],
+    'precision': ['auto', 'fp32', 'bf16', 'fp16', 'FP32', 'fp8', ''],
+    'generate_from': ['best', 'last', 'worst', ''],
+}
+
+# script, its tiny run: every draw resumes a folder these arguments trained for one epoch
+SCRIPTS = {
+    'mnist_gan.py': ['--quality_samples=50'],
+    'mnist_cgan.py': ['--quality_samples=50'],
+    'mnist_dcgan.py': ['--quality_samples=50', '--d=4'],
+    'mnist_cdcgan.py': ['--quality_samples=50', '--d=4'],
+    'celeba_dcgan.py': ['--d=4'],
+    'celeba_cdcgan.py': ['--d=4'],
+}
+
+
+def constants_of(script):
+    return common.constants(vars(importlib.import_module(script.removesuffix('.py'))))
+
+
+def values_for(name, default):
+    return BY_NAME[name] if name in BY_NAME else {bool: BOOLS, int: INTS, float: FLOATS}[type(default)]
+
+
+def draw(rng, constants):
+    names = rng.sample(sorted(constants), rng.choice([1, 1, 2, 3]))
+    return {name: rng.choice(values_for(name, constants[name])) for name in names}
+
+
+def inside(path, folder):
+    return path == folder or path.startswith(folder + os.sep)
+
+
+@pytest.mark.parametrize('script', SCRIPTS)
+def test_random_overrides_run_or_stop_with_one_line(script, script_server, mnist_dir, tmp_path):
+    if script.startswith('celeba'):
+        data = tmp_path / 'faces'
+        write_faces(data, {'female': 10, 'male': 6})
+    else:
+        data = mnist_dir
+    base = [f'--data_dir={data}', '--results_dir=out', '--train_epoch=1', '--train_limit=16', '--batch_size=8',
+            '--device=cpu', *SCRIPTS[script]]
+    trained = tmp_path / 'trained'
+    trained.mkdir()
+    first = script_server(script, base, trained)
+    assert first['status'] == 0, first['stderr']
+
+    rng = random.Random(script)
+    constants = constants_of(script)
+    for number in range(DRAWS):
+        overrides = draw(rng, constants)
+        args = [f'--{name}={value.format(data=data)}' for name, value in overrides.items()]
+        cwd = tmp_path / f'draw{number}'
+        copy_results(trained, cwd)
+        (cwd / 'a_file').write_text('a file where a folder may be asked for')
+        before = folder_state(cwd)
+        result = script_server(script, base + args, cwd)
+        where = f"{script} {' '.join(args)}: status {result['status']}, stderr:\n{result['stderr']}"
+        assert result['status'] in (0, 1, 2), where
+        assert 'Traceback' not in result['stderr'], where
+        if result['status'] != 0:
+            assert result['stderr'].startswith('error: ') and result['stderr'].count('\n') == 1, where
+            after = folder_state(cwd)
+            if 'data_dir' in overrides:  # a missing MNIST is downloaded: a failed try leaves <data_dir>/MNIST/raw/
+                download = os.path.normpath(os.path.join(overrides['data_dir'], 'MNIST'))
+                after = {path: state for path, state in after.items()
+                         if path in before or not (inside(path, download) or inside(download, path))}
+            assert after == before, where
+        shutil.rmtree(cwd)
