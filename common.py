@@ -728,17 +728,6 @@ def generator_weights(results_dir, model_name, generate_from):
     return last
 
 
-def read_state_dict(path):
-    """A file of weights (perhaps downloaded) as tensors, never running code a pickle may carry; else one line."""
-    import pickle
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:  # weights_only met something other than tensors and plain containers
-        fail(f"{path} holds more than weights, and loading it could run code; refused. Use a file these scripts saved")
-    except Exception as e:  # damaged, or not a torch file at all
-        fail(f"cannot read {path} ({type(e).__name__}); use an undamaged file these scripts saved")
-
-
 def load_weights(model, path):
     """Load a state_dict saved by a training run, or stop with one line saying how to get it.
 
