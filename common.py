@@ -27,7 +27,6 @@ import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import errno  # noqa: E402
 import gzip  # noqa: E402
-import inspect  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -380,7 +379,7 @@ class World:
     def parallel(self, model):
         """model in DistributedDataParallel when there are several processes, else model itself.
 
-        broadcast_buffers=False: D runs on the real and on the fake batch before one backward, and
+        forward_sync_buffers=False: D runs on the real and on the fake batch before one backward, and
         DDP's default re-broadcast of BatchNorm's running statistics at the second forward would
         modify in place a tensor the first one saved for backward. So each process keeps BatchNorm
         statistics of its own share (training normalises by the batch's own statistics either way),
@@ -390,11 +389,8 @@ class World:
             return model
         if self.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        DDP = torch.nn.parallel.DistributedDataParallel
-        # torch 2.15 renamed the option; the weights and buffers start equal in every process either way.
-        rank_local_buffers = {('forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters
-                               else 'broadcast_buffers'): False}
-        return DDP(model, device_ids=[self.device] if self.device.type == 'cuda' else None, **rank_local_buffers)
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device] if self.device.type == 'cuda' else None, forward_sync_buffers=False)
 
 
 # ---------------------------------------------------------------- MNIST
