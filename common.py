@@ -351,13 +351,13 @@ class World:
     """
 
     def __init__(self, device_choice, batch_size, generate=0, sync_batchnorm=False):
-        self.rank, self.size = int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1))
+        self.size = int(os.environ.get('WORLD_SIZE', 1))
         self.sync_batchnorm = sync_batchnorm
         signal.signal(signal.SIGTERM, raise_stopped)
         if self.size == 1:
             self.device = pick_device(device_choice)
             return
-        if self.rank:  # every process runs the same code: one of them speaks and shows the progress bar
+        if rank():  # every process runs the same code: one of them speaks and shows the progress bar
             sys.stdout = open(os.devnull, 'w')
         self.device = pick_device(device_choice, local_rank=int(os.environ.get('LOCAL_RANK', 0)))
         if generate:
