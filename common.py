@@ -7,17 +7,23 @@ torch: then even a Ctrl-C while torch loads is one line and not a traceback.
 import sys
 
 
+class Stopped(Exception):
+    """SIGTERM: a job scheduler stopping the run, or torchrun stopping it after another process failed."""
+
+
 def _one_line_interrupt(kind, value, traceback, previous=sys.excepthook):
-    """A Ctrl-C that reaches the top of a script (start-up, not training: Run says what an epoch saved)."""
-    if not issubclass(kind, KeyboardInterrupt) or sys.flags.interactive or hasattr(sys, 'ps1'):
+    """A Ctrl-C or SIGTERM that reaches the top of a script (start-up, not training: Run says what an epoch
+    saved). World turns SIGTERM into Stopped; before it, SIGTERM ends the process the default way."""
+    if not issubclass(kind, (KeyboardInterrupt, Stopped)) or sys.flags.interactive or hasattr(sys, 'ps1'):
         return previous(kind, value, traceback)
-    print("error: interrupted while starting, before any epoch was trained; run the same command again",
+    cause, status = ("interrupted", 130) if issubclass(kind, KeyboardInterrupt) else ("stopped by SIGTERM", 143)
+    print(f"error: {cause} while starting, before any epoch was trained; run the same command again",
           file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    # os._exit: an excepthook cannot raise SystemExit, and Python would otherwise end by SIGINT, not 130.
+    # os._exit: an excepthook cannot raise SystemExit, and Python would otherwise end by the signal.
     import os
-    os._exit(130)
+    os._exit(status)
 
 
 sys.excepthook = _one_line_interrupt
@@ -297,10 +303,6 @@ def compile_models(*models):
 # ---------------------------------------------------------------- several processes (torchrun)
 
 PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=3)  # a collective waiting this long means a process is stuck
-
-
-class Stopped(Exception):
-    """SIGTERM: a job scheduler stopping the run, or torchrun stopping it after another process failed."""
 
 
 def raise_stopped(signum, frame):

@@ -267,6 +267,20 @@ def test_ctrl_c_while_starting_is_one_line(mnist_dir, tmp_path):
     assert stderr == 'error: interrupted while starting, before any epoch was trained; run the same command again\n'
 
 
+def test_sigterm_while_starting_is_one_line(tmp_path):
+    # What a script does before its training loop: World installs the SIGTERM handler, then the data and
+    # the models load; here the signal arrives at that moment, every time.
+    starting = ("import os, signal, common\n"
+                "world = common.World('cpu', batch_size=2)\n"
+                "os.kill(os.getpid(), signal.SIGTERM)\n"
+                "open('loaded_the_data', 'w').close()\n")
+    done = subprocess.run([sys.executable, '-c', starting], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, 'PYTHONPATH': str(REPO), 'CUDA_VISIBLE_DEVICES': ''}, timeout=120)
+    assert (done.returncode, done.stderr) == (
+        143, 'error: stopped by SIGTERM while starting, before any epoch was trained; run the same command again\n')
+    assert not (tmp_path / 'loaded_the_data').exists()
+
+
 def test_a_checkpoint_of_another_model_is_named_as_such(work, script_server, mnist_dir):
     before = folder_state(work)
     assert_refused(script_server('mnist_cgan.py', tiny(mnist_dir, 'out', 2), work), 1,
