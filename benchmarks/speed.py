@@ -29,6 +29,7 @@ import common  # noqa: E402  (the repository root is put on the path first)
 scripts = 'mnist_gan.py,mnist_cgan.py,mnist_dcgan.py,mnist_cdcgan.py,celeba_dcgan.py,celeba_cdcgan.py'  # comma-separated
 precisions = ''           # comma-separated; '' = those the device runs natively: fp32 and bf16 (and fp16 on CUDA)
 layouts = '1x1,1x2'       # processes x torch threads each, comma-separated: 2x1 is torchrun with 2 processes (CPU)
+memory_formats = 'channels_last'  # comma-separated, for the conv models: channels_last, contiguous
 repeats = 3               # >= 1: interleaved rounds of every measurement
 steps = 1                 # >= 1: batches per epoch: one warm-up epoch, then one timed epoch
 device = 'auto'           # auto (cuda, else mps, else cpu), cpu, cuda
@@ -111,13 +112,14 @@ def measure_peaks(dtype, device, n_threads):
     return best_rate(lambda: a @ b, 2 * 2048 ** 3), best_rate(lambda: conv(x), conv_flops)
 
 
-def run_script(script, data_dir, results_dir, precision, layout, width, batch, device_name):
+def run_script(script, data_dir, results_dir, precision, layout, memory_format, width, batch, device_name):
     """The script's own images per second over its second epoch, of all its processes."""
     module = load_script(script)
     args = [f'--data_dir={data_dir}', f'--results_dir={results_dir}', '--train_epoch=2', '--resume=false',
             f'--train_limit={batch * steps}', f'--batch_size={batch}', f'--precision={precision}',
             f'--device={device_name}']
     args += ['--quality_samples=0'] if hasattr(module, 'quality_samples') else []
+    args += [f'--channels_last={memory_format == "channels_last"}'] if hasattr(module, 'channels_last') else []
     args += [f'--d={width}'] if width and hasattr(module, 'd') else []
     processes, n_threads = layout
     env = {**os.environ, 'OMP_NUM_THREADS': str(n_threads)}
@@ -144,13 +146,17 @@ def main():
     chosen = [p.strip() for p in precisions.split(',') if p.strip()] or native_precisions(run_device)
     shapes = [tuple(int(n) for n in layout.split('x')) for layout in layouts.split(',')]
     shapes = [(1, 1)] if run_device.type != 'cpu' else shapes  # one GPU
+    formats = [f.strip() for f in memory_formats.split(',') if f.strip()]
+    if not set(formats) <= {'channels_last', 'contiguous'}:
+        common.fail(f"--memory_formats={memory_formats}: use channels_last, contiguous or both, comma-separated", 2)
+    formats_of = {s: formats if hasattr(load_script(s), 'channels_last') else ['-'] for s in names}  # MLPs: none
     width, batch, rounds = (8, 16, 1) if smoke else (None, 128, repeats)
     dtypes = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
     print(f"device: {run_device} ({describe(run_device)}); torch {torch.__version__}", flush=True)
     peaks = {(p, n): measure_peaks(dtypes[p], run_device, n) for p in chosen for n in {k * t for k, t in shapes}}
     flops = {s: flops_per_image(s, width, batch) for s in names}
-    rates = {(s, n, p): [] for s in names for n in shapes for p in chosen}
+    rates = {(s, n, m, p): [] for s in names for n in shapes for m in formats_of[s] for p in chosen}
     with tempfile.TemporaryDirectory() as work:
         data = {'mnist': os.path.join(work, 'mnist'), 'celeba': os.path.join(work, 'faces')}
         write_mnist(data['mnist'], batch * steps)
@@ -158,16 +164,18 @@ def main():
         for round_ in range(rounds):
             for s in names:
                 for n in shapes:
-                    for p in chosen:
-                        rate = run_script(s, data[s.split('_')[0]], os.path.join(work, 'out'), p, n, width, batch,
-                                          str(run_device))
-                        rates[s, n, p].append(rate)
-                        print(f"round {round_ + 1}/{rounds}: {s}, {n[0]}x{n[1]}, {p}: {rate:.1f} img/s", flush=True)
-    table = report(names, shapes, chosen, rates, flops, peaks)
+                    for m in formats_of[s]:
+                        for p in chosen:
+                            rate = run_script(s, data[s.split('_')[0]], os.path.join(work, 'out'), p, n, m, width,
+                                              batch, str(run_device))
+                            rates[s, n, m, p].append(rate)
+                            print(f"round {round_ + 1}/{rounds}: {s}, {n[0]}x{n[1]}, {m}, {p}: {rate:.1f} img/s",
+                                  flush=True)
+    table = report(names, shapes, formats_of, chosen, rates, flops, peaks)
     print(table)
     if not smoke:
         common.save_json({'device': describe(run_device), 'torch': torch.__version__, 'batch': batch, 'steps': steps,
-                          'rates': {f"{s} {n[0]}x{n[1]} {p}": r for (s, n, p), r in rates.items()},
+                          'rates': {f"{s} {n[0]}x{n[1]} {m} {p}": r for (s, n, m, p), r in rates.items()},
                           'flops_per_image': flops,
                           'peaks_gflops': {f"{p} {n}": {'matmul': m, 'conv': c} for (p, n), (m, c) in peaks.items()},
                           'table': table}, os.path.join(REPO, output))
@@ -183,24 +191,25 @@ def describe(device):
     return device.type
 
 
-def report(names, shapes, chosen, rates, flops, peaks):
-    """A markdown table: one row per script, layout (processes x threads) and precision."""
-    rows = ["| experiment | processes x threads | precision | img/s (median, min-max) | vs fp32 | s/epoch | GFLOP/img "
-            "| peak GFLOP/s (matmul, conv) | share of peak |", "|" + "---|" * 9]
+def report(names, shapes, formats_of, chosen, rates, flops, peaks):
+    """A markdown table: one row per script, layout (processes x threads), memory format and precision."""
+    rows = ["| experiment | processes x threads | memory format | precision | img/s (median, min-max) | vs fp32 "
+            "| s/epoch | GFLOP/img | peak GFLOP/s (matmul, conv) | share of peak |", "|" + "---|" * 10]
     for s in names:
-        conv = s not in ('mnist_gan.py', 'mnist_cgan.py')
+        conv = formats_of[s] != ['-']
         for n in shapes:
-            fp32 = statistics.median(rates[s, n, 'fp32']) if 'fp32' in chosen else None
-            for p in chosen:
-                got = rates[s, n, p]
-                median = statistics.median(got)
-                matmul, conv_peak = peaks[p, n[0] * n[1]]
-                peak = conv_peak if conv else matmul
-                ratio = f"{median / fp32:.2f}x" if fp32 else ''
-                epoch = IMAGES_PER_EPOCH[s.split('_')[0]] / median
-                rows.append(f"| {s} | {n[0]}x{n[1]} | {p} | {median:.1f} ({min(got):.1f}-{max(got):.1f}) | {ratio} | {epoch:,.0f} "
-                            f"| {flops[s] / 1e9:.2f} | {matmul:.0f}, {conv_peak:.0f} "
-                            f"| {flops[s] * median / 1e9 / peak:.0%} of {'conv' if conv else 'matmul'} |")
+            for m in formats_of[s]:
+                fp32 = statistics.median(rates[s, n, m, 'fp32']) if 'fp32' in chosen else None
+                for p in chosen:
+                    got = rates[s, n, m, p]
+                    median = statistics.median(got)
+                    matmul, conv_peak = peaks[p, n[0] * n[1]]
+                    peak = conv_peak if conv else matmul
+                    ratio = f"{median / fp32:.2f}x" if fp32 else ''
+                    epoch = IMAGES_PER_EPOCH[s.split('_')[0]] / median
+                    rows.append(f"| {s} | {n[0]}x{n[1]} | {m} | {p} | {median:.1f} ({min(got):.1f}-{max(got):.1f}) "
+                                f"| {ratio} | {epoch:,.0f} | {flops[s] / 1e9:.2f} | {matmul:.0f}, {conv_peak:.0f} "
+                                f"| {flops[s] * median / 1e9 / peak:.0%} of {'conv' if conv else 'matmul'} |")
     return '\n'.join(rows)
 
 

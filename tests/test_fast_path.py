@@ -212,14 +212,25 @@ def test_a_real_batch_is_in_the_models_memory_format_and_range():
 
 def test_the_benchmark_runs_in_smoke_mode_and_prints_its_table(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'speed.py'), '--smoke=True',
-                             '--layouts=1x1,2x1', '--scripts=celeba_cdcgan.py', '--precisions=fp32,bf16'],
+                             '--layouts=1x1,2x1', '--scripts=celeba_cdcgan.py', '--precisions=fp32,bf16',
+                             '--memory_formats=channels_last,contiguous'],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'PATH': '/usr/bin:/bin'})
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith('| celeba_')]
-    assert [row.split(' | ')[1:3] for row in rows] == [['1x1', 'fp32'], ['1x1', 'bf16'],  # one process
-                                                       ['2x1', 'fp32'], ['2x1', 'bf16']]  # torchrun, 2 processes
+    assert [row.split(' | ')[1:4] for row in rows] == [
+        [layout, memory_format, precision] for layout in ('1x1', '2x1')  # one process; torchrun, 2 processes
+        for memory_format in ('channels_last', 'contiguous') for precision in ('fp32', 'bf16')]
     for row in rows:
         cells = row.strip('|').split('|')
-        assert float(cells[3].split()[0]) > 0 and float(cells[6]) > 0  # img/s and GFLOP per image
-    assert rows[1].split(' | ')[4].endswith('x') and rows[3].split(' | ')[4].endswith('x')  # bf16 against fp32
+        assert float(cells[4].split()[0]) > 0 and float(cells[7]) > 0  # img/s and GFLOP per image
+    assert all(row.split(' | ')[5].endswith('x') for row in rows[1::2])  # bf16 against fp32
+
+
+def test_the_benchmark_names_an_unknown_memory_format_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'speed.py'), '--memory_formats=nhwc'],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'PATH': '/usr/bin:/bin'})
+    assert (result.returncode, result.stderr) == (
+        2, 'error: --memory_formats=nhwc: use channels_last, contiguous or both, comma-separated\n')
+    assert result.stdout == ''
