@@ -68,11 +68,13 @@ class Generator(nn.Module):
         self.net = nn.Sequential(
             *up(z_dim, 8 * d, stride=1, padding=0),                    # 4x4
             *up(8 * d, 4 * d), *up(4 * d, 2 * d), *up(2 * d, d),       # 8, 16, 32
-            nn.ConvTranspose2d(d, 3, 4, 2, 1), nn.Tanh())              # 64
+            nn.ConvTranspose2d(d, 3, 4, 2, 1))                         # 64, then tanh
         self.apply(init_normal)
 
     def forward(self, z):
-        return self.net(z.view(-1, self.z_dim, 1, 1))
+        # tanh in fp32: under bf16 autocast it rounds to exactly +-1 beyond |x| = 3.5, where its gradient is
+        # then exactly 0, so a saturated pixel could never change again (an fp32 tensor is left as it is)
+        return torch.tanh(self.net(z.view(-1, self.z_dim, 1, 1)).float())
 
 
 class Discriminator(nn.Module):

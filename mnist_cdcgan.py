@@ -68,13 +68,15 @@ class Generator(nn.Module):
         self.label_branch = nn.Sequential(*up(N_CLASSES, 2 * d, stride=1, padding=0))  # 4x4
         self.body = nn.Sequential(
             *up(4 * d, 2 * d), *up(2 * d, d),                                          # 8, 16
-            nn.ConvTranspose2d(d, 1, 4, 2, 1), nn.Tanh())                              # 32
+            nn.ConvTranspose2d(d, 1, 4, 2, 1))                                         # 32, then tanh
         self.apply(init_normal)
 
     def forward(self, z, labels):
         y = F.one_hot(labels, N_CLASSES).float().view(-1, N_CLASSES, 1, 1)
         h = torch.cat([self.z_branch(z.view(-1, self.z_dim, 1, 1)), self.label_branch(y)], dim=1)
-        return self.body(h)
+        # tanh in fp32: under bf16 autocast it rounds to exactly +-1 beyond |x| = 3.5, where its gradient is
+        # then exactly 0, so a saturated pixel could never change again (an fp32 tensor is left as it is)
+        return torch.tanh(self.body(h).float())
 
 
 class Discriminator(nn.Module):

@@ -60,13 +60,15 @@ class Generator(nn.Module):
         self.body = nn.Sequential(
             nn.Linear(512, 512), nn.BatchNorm1d(512), nn.ReLU(),
             nn.Linear(512, 1024), nn.BatchNorm1d(1024), nn.ReLU(),
-            nn.Linear(1024, img_size * img_size), nn.Tanh())
+            nn.Linear(1024, img_size * img_size))  # then tanh, in forward
         self.apply(init_normal)
 
     def forward(self, z, labels):
         y = F.one_hot(labels, N_CLASSES).float()
         h = torch.cat([self.z_branch(z), self.label_branch(y)], dim=1)
-        return self.body(h).view(-1, 1, self.img_size, self.img_size)
+        # tanh in fp32: under bf16 autocast it rounds to exactly +-1 beyond |x| = 3.5, where its gradient is
+        # then exactly 0, so a saturated pixel could never change again (an fp32 tensor is left as it is)
+        return torch.tanh(self.body(h).float()).view(-1, 1, self.img_size, self.img_size)
 
 
 class Discriminator(nn.Module):

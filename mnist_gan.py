@@ -49,10 +49,12 @@ class Generator(nn.Module):
             nn.Linear(z_dim, 256), nn.LeakyReLU(0.2),
             nn.Linear(256, 512), nn.LeakyReLU(0.2),
             nn.Linear(512, 1024), nn.LeakyReLU(0.2),
-            nn.Linear(1024, img_size * img_size), nn.Tanh())
+            nn.Linear(1024, img_size * img_size))  # then tanh, in forward
 
     def forward(self, z):
-        return self.net(z).view(-1, 1, self.img_size, self.img_size)
+        # tanh in fp32: under bf16 autocast it rounds to exactly +-1 beyond |x| = 3.5, where its gradient is
+        # then exactly 0, so a saturated pixel could never change again (an fp32 tensor is left as it is)
+        return torch.tanh(self.net(z).float()).view(-1, 1, self.img_size, self.img_size)
 
 
 class Discriminator(nn.Module):
