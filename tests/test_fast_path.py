@@ -178,33 +178,6 @@ def test_bf16_resumed_equals_uninterrupted(mnist_dir, tmp_path):
     assert [[e[k] for k in losses] for e in resumed] == [[e[k] for k in losses] for e in straight]
 
 
-# ---------------------------------------------------------------- the generators' output under bf16
-
-GENERATORS = [('mnist_gan.py', {}, False), ('mnist_cgan.py', {}, True), ('mnist_dcgan.py', {'d': 8}, False),
-              ('mnist_cdcgan.py', {'d': 8}, True), ('celeba_dcgan.py', {'d': 8}, False),
-              ('celeba_cdcgan.py', {'d': 8}, True)]
-
-
-@pytest.mark.parametrize('script, sized, conditional', GENERATORS, ids=[g[0] for g in GENERATORS])
-def test_under_bf16_a_saturated_pixel_still_gets_a_gradient(script, sized, conditional):
-    """bf16's tanh rounds to exactly 1 beyond x = 3.5 and its gradient there is exactly 0: a pixel pushed
-    that far would stay white for the rest of the run (the speckled digits of a bf16 cGAN)."""
-    import importlib
-    module = importlib.import_module(script.removesuffix('.py'))
-    torch.manual_seed(0)
-    G = module.Generator(**sized)
-    last = [m for m in G.modules() if isinstance(m, (torch.nn.Linear, torch.nn.ConvTranspose2d))][-1]
-    with torch.no_grad():
-        last.bias.fill_(6.0)  # every pixel's tanh input near 6: tanh 0.99999 in fp32, 1.0 in bf16
-    labels = [torch.tensor([0, 1, 1, 0])] if conditional else []
-    with torch.autocast('cpu', dtype=torch.bfloat16):
-        images = G(torch.randn(4, G.z_dim), *labels)
-    assert images.dtype == torch.float32
-    assert (images < 1).all()  # not rounded onto the saturated value
-    images.sum().backward()
-    assert (last.bias.grad > 0).all()
-
-
 # ---------------------------------------------------------------- channels_last
 
 CONV_MODELS = [('mnist_dcgan.py', False), ('mnist_cdcgan.py', True), ('celeba_dcgan.py', False),
@@ -235,6 +208,32 @@ def test_a_real_batch_is_in_the_models_memory_format_and_range():
     batch = common.real_batch(images, index, CPU, torch.channels_last)
     assert batch.is_contiguous(memory_format=torch.channels_last) and batch.dtype == torch.float32
     torch.testing.assert_close(batch, images[index].float() / 127.5 - 1)
+
+
+# ---------------------------------------------------------------- the generators' output under bf16
+
+GENERATORS = [('mnist_gan.py', {}, False), ('mnist_cgan.py', {}, True)] + [
+    (script, {'d': 8}, conditional) for script, conditional in CONV_MODELS]
+
+
+@pytest.mark.parametrize('script, sized, conditional', GENERATORS, ids=[g[0] for g in GENERATORS])
+def test_under_bf16_a_saturated_pixel_still_gets_a_gradient(script, sized, conditional):
+    """bf16's tanh rounds to exactly 1 beyond x = 3.5 and its gradient there is exactly 0: a pixel pushed
+    that far would stay white for the rest of the run (the speckled digits of a bf16 cGAN)."""
+    import importlib
+    module = importlib.import_module(script.removesuffix('.py'))
+    torch.manual_seed(0)
+    G = module.Generator(**sized)
+    last = [m for m in G.modules() if isinstance(m, (torch.nn.Linear, torch.nn.ConvTranspose2d))][-1]
+    with torch.no_grad():
+        last.bias.fill_(6.0)  # every pixel's tanh input near 6: tanh 0.99999 in fp32, 1.0 in bf16
+    labels = [torch.tensor([0, 1, 1, 0])] if conditional else []
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        images = G(torch.randn(4, G.z_dim), *labels)
+    assert images.dtype == torch.float32
+    assert (images < 1).all()  # not rounded onto the saturated value
+    images.sum().backward()
+    assert (last.bias.grad > 0).all()
 
 
 # ---------------------------------------------------------------- the benchmark
