@@ -150,10 +150,10 @@ def test_a_short_training_makes_faces_of_the_requested_gender(tmp_path):
     At d = 8 D could win outright and leave G one colour for both genders, on seeds that depended on the
     CPU's kernels; d = 16 learnt it on every seed tried (README, Quality: bf16 against fp32)."""
     write_faces(tmp_path / 'faces', {'female': 128, 'male': 128})
-    out = tmp_path / 'out'
-    run_in_process('celeba_cdcgan.py', f'--data_dir={tmp_path / "faces"}', f'--results_dir={out}', '--d=16',
+    out, width = tmp_path / 'out', 16
+    run_in_process('celeba_cdcgan.py', f'--data_dir={tmp_path / "faces"}', f'--results_dir={out}', f'--d={width}',
                    '--batch_size=16', '--lr=0.0005', '--train_epoch=8', '--device=cpu', '--precision=fp32')
-    module, G = saved_generator('celeba_cdcgan.py', out, 'CelebA_cDCGAN', {'d': 16})
+    module, G = saved_generator('celeba_cdcgan.py', out, 'CelebA_cDCGAN', {'d': width})
     wanted = torch.tensor([0, 1]).repeat(100)
     with torch.no_grad():
         made = G(module.noise(len(wanted), torch.device('cpu')), wanted)
