@@ -4,16 +4,13 @@ Data:      python celeba_preprocess.py      (--isCrop=True for the tighter face 
 Train:     python celeba_cdcgan.py          (any constant below: --name=value, e.g. --isCrop=True)
 Sample:    python celeba_cdcgan.py --generate=8
 """
-import time
-
-import common  # before torch: from here on, even while torch loads, a Ctrl-C is one line
+import common  # first: from here on a Ctrl-C is one line, even while torch loads
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# ---------------------------------------------------------------- the experiment
 isCrop = False                        # train on the tighter 108x108 face crop, with its own data and results folders
-data_dir = ''                         # holds female/ and male/ of 64x64 faces; '' = data/resized_celebA(_crop)
-results_dir = ''                      # grids, plots, weights, history, checkpoint; '' = CelebA_cDCGAN(_crop)_results
 train_epoch = 20                      # [1, 10000]: epochs to train (lr / 10 at the start of epochs 11 and 16)
 batch_size = 128                      # >= 2: images per step
 lr = 0.0002                           # > 0: Adam learning rate of both networks
@@ -21,28 +18,27 @@ beta1 = 0.5                           # [0, 1): Adam beta1
 z_dim = 100                           # [1, 10000]: length of the noise vector, drawn from N(0, 1)
 d = 128                               # [2, 1024], even: width; G's layers have 8d, 4d, 2d, d channels, D's d/2 ... 8d
 img_size = 64                         # {64}: image side in pixels (the layers fix it at 64)
-train_limit = 0                       # >= 0: 0 = all 202,599 faces; N = N faces spread evenly over both genders
-device = 'auto'                       # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
 seed = 0                              # [0, 4294967295]: seed of every random draw
-resume = True                         # continue from results_dir/checkpoint.pt when it exists
-generate = 0                          # [0, 1000]: 0 trains; N only writes N new samples per gender from the trained G
 label_smoothing = 0.0                 # [0, 1): D's target for real images is 1 - this (one-sided); 0 = original
 ema_decay = 0.999                     # [0, 1): grids and saved G use an EMA of G's weights; 0 = original (raw G)
-stop_on_collapse = False              # when D wins outright: True stops training, False goes on
-generate_from = 'last'                # {best, last}: --generate samples from the last G (no fid measures a best)
+
+# ---------------------------------------------------------------- the run
+data_dir = ''                         # holds female/ and male/ of 64x64 faces; '' = data/resized_celebA(_crop)
+results_dir = ''                      # grids, plots, weights, history, checkpoint; '' = CelebA_cDCGAN(_crop)_results
+train_limit = 0                       # >= 0: 0 = all 202,599 faces; N = N faces spread evenly over both genders
+resume = True                         # continue from results_dir/checkpoint.pt when it exists
+device = 'auto'                       # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
 precision = 'auto'                    # {auto, bf16, fp16, fp32}: auto = bf16 on hardware with native bf16, else fp32
 channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
 sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
 compile = False                       # torch.compile G and D (minutes to start; no clear gain measured here)
+stop_on_collapse = False              # when D wins outright: True stops training, False goes on
+generate = 0                          # [0, 1000]: 0 trains; N only writes N new samples per gender from the trained G
+generate_from = 'last'                # {best, last}: --generate samples from the last G (no fid measures a best)
 
 MODEL = 'CelebA_cDCGAN'
 N_CLASSES = 2  # 0 = female, 1 = male: the order of the female/ and male/ folders
 BF16_BY_DEFAULT = True  # 'auto' may take bf16: the MNIST cDCGAN's fid kept within fp32's seed spread (README)
-
-
-def model_name():
-    """The name in every output file: the crop variant is a model of its own."""
-    return MODEL + ('_crop' if isCrop else '')
 
 
 def noise(n, device):
@@ -133,94 +129,52 @@ def learning_rate(epoch):
     return lr / 10 ** sum(epoch >= drop for drop in (11, 16))
 
 
-def generate_samples(run_device):
-    weights = common.generator_weights(results_dir, model_name(), generate_from)
-    G = common.load_weights(Generator(z_dim, d), weights).to(run_device)
-    z, labels = gender_rows(noise(generate, run_device).view(1, generate, z_dim))
-    path = f"{results_dir}/{model_name()}_generated.png"
-    common.save_grid(common.sample(G, z, labels), path, nrow=generate)
+def generate_samples(run):
+    G = run.trained_generator(Generator(z_dim, d))
+    z, labels = gender_rows(noise(generate, run.device).view(1, generate, z_dim))
+    path = run.save_grid(f"{run.name}_generated.png", common.sample(G, z, labels), nrow=generate)
     print(f"wrote {path}: {generate} samples of each gender, a female row and a male row with the same noise")
 
 
-def train(world):
-    run_device, rank_batch = world.device, batch_size // world.size  # each process's share of a batch
-    ctx, scaler = common.mixed_precision(precision, run_device, BF16_BY_DEFAULT)
-    fmt = common.memory_format(channels_last)
-    images, labels = common.load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, run_device)
-
-    G = Generator(z_dim, d).to(run_device, memory_format=fmt)
-    D = Discriminator(d).to(run_device, memory_format=fmt)
-    G_ema = common.ema_model(G, ema_decay)
-    if compile:
-        common.compile_models(G, D)
-    opt_G = common.adam(G.parameters(), lr, beta1, run_device)
-    opt_D = common.adam(D.parameters(), lr, beta1, run_device)
-    run = common.Run(model_name(), common.constants(globals()),
-                     models={'generator': G, 'discriminator': D, 'generator_average': G_ema},
-                     optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=scaler,
-                     exports={'generator': G_ema.module, 'discriminator': D})
-    first_epoch = run.start(lambda: fixed_inputs(run_device))
-    common.save_grid(common.to_unit_range(real_examples(images, labels)), run.path('raw_CelebA.png'), nrow=4)
-    fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
-    G, D = world.parallel(G), world.parallel(D)  # DistributedDataParallel under torchrun
+def train(run):
+    images, labels = common.load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, run.device)  # uint8
+    G = Generator(z_dim, d).to(run.device, memory_format=run.memory_format)
+    D = Discriminator(d).to(run.device, memory_format=run.memory_format)
+    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
+    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
+    G, D, G_ema, fixed = run.start(G, D, opt_G, opt_D, fixed_inputs)
+    run.save_grid('raw_CelebA.png', real_examples(images, labels), nrow=4)
     loss = nn.BCEWithLogitsLoss()
-    real_target = torch.full((rank_batch,), 1.0 - label_smoothing, device=run_device)
-    ones, zeros = torch.ones(rank_batch, device=run_device), torch.zeros(rank_batch, device=run_device)
-    collapse = common.CollapseCheck(label_smoothing, stop_on_collapse)
+    real_target = torch.full((run.rank_batch,), 1.0 - label_smoothing, device=run.device)
+    ones, zeros = torch.ones(run.rank_batch, device=run.device), torch.zeros(run.rank_batch, device=run.device)
 
-    try:
-        for epoch in range(first_epoch, train_epoch + 1):
-            common.set_learning_rate((opt_G, opt_D), learning_rate(epoch))
-            means = common.EpochMeans()
-            batches = common.shuffled_batches(len(images), batch_size, images.device, seed, epoch)
-            start = time.perf_counter()
-            for index in common.progress(batches, f"epoch {epoch}"):
-                x, y = common.real_batch(images, index, run_device, fmt), labels[index].to(run_device)
-                fake_labels = torch.randint(0, N_CLASSES, (rank_batch,), device=run_device)
-                # update D: maximise log D(x|y) + log(1 - D(G(z|y')|y')), y' the fake labels
-                with ctx:
-                    fake = G(noise(rank_batch, run_device), fake_labels)
-                    d_real, d_fake = D(x, y), D(fake.detach(), fake_labels)
-                    loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
-                opt_D.zero_grad(set_to_none=True)
-                scaler.scale(loss_d).backward()
-                scaler.step(opt_D)
+    for epoch in run.epochs(learning_rate):
+        for x, y in run.batches(images, labels):
+            fake_labels = torch.randint(0, N_CLASSES, (run.rank_batch,), device=run.device)
+            # update D: maximise log D(x|y) + log(1 - D(G(z|y')|y')), y' the fake labels
+            with run.autocast:
+                fake = G(noise(run.rank_batch, run.device), fake_labels)
+                d_real, d_fake = D(x, y), D(fake.detach(), fake_labels)
+                loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
+            opt_D.zero_grad(set_to_none=True)
+            run.scaler.scale(loss_d).backward()
+            run.scaler.step(opt_D)
 
-                # update G: maximise log D(G(z|y')|y'), the non-saturating form of minimising log(1 - D(...))
-                with ctx:
-                    loss_g = loss(D(fake, fake_labels), ones)
-                opt_G.zero_grad(set_to_none=True)
-                scaler.scale(loss_g).backward()
-                scaler.step(opt_G)
-                scaler.update()
-                G_ema.update_parameters(G)
+            # update G: maximise log D(G(z|y')|y'), the non-saturating form of minimising log(1 - D(...))
+            with run.autocast:
+                loss_g = loss(D(fake, fake_labels), ones)
+            opt_G.zero_grad(set_to_none=True)
+            run.scaler.scale(loss_g).backward()
+            run.scaler.step(opt_G)
+            run.scaler.update()
+            G_ema.update_parameters(G)
 
-                means.add(loss_d=loss_d, loss_g=loss_g,  # D's mean probabilities in fp32, as the losses
-                          d_real=d_real.float().sigmoid().mean(), d_fake=d_fake.float().sigmoid().mean())
-            common.synchronize(run_device)
-            seconds = time.perf_counter() - start
-            grids = {run.fixed_grid_path(epoch): (common.sample(G_ema.module, fixed['z'], fixed['labels']), 4)}
-            run.end_epoch(epoch, means.read(), seconds, batches.numel(), grids)
-            if collapse.stops(run):
-                break
-        # Written after the last epoch, and again by a rerun of a finished run, like the plot and the GIF.
-        common.save_grid(common.sample(G_ema.module, fixed['morph_z'], fixed['morph_labels']),
-                         run.path(f"{run.name}_morp.png"), nrow=10)
-        run.finish()
-    except common.INTERRUPTIONS as cause:
-        run.interrupted(cause)
+            run.log(loss_d=loss_d, loss_g=loss_g,  # D's mean probabilities in fp32, as the losses
+                    d_real=d_real.float().sigmoid().mean(), d_fake=d_fake.float().sigmoid().mean())
+        run.end_epoch(fixed_grid=(common.sample(G_ema.module, fixed['z'], fixed['labels']), 4))
+    # Written after the last epoch, and again by a rerun of a finished run, like the plot and the GIF.
+    run.save_grid(f"{run.name}_morp.png", common.sample(G_ema.module, fixed['morph_z'], fixed['morph_labels']), nrow=10)
 
 
 if __name__ == '__main__':
-    common.configure(globals())
-    if 0 < train_limit < batch_size:
-        common.fail(f"--train_limit={train_limit} is less than one batch of {batch_size}; "
-                    f"raise it or lower --batch_size", 2)
-    data_dir = data_dir or common.celeba_folder(isCrop)
-    results_dir = results_dir or f"{model_name()}_results"
-    world = common.World(device, batch_size, generate, sync_batchnorm)  # one process, or torchrun's
-    torch.manual_seed(seed)
-    if generate:
-        generate_samples(world.device)
-    else:
-        train(world)
+    common.main(globals(), train, generate_samples)

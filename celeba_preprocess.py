@@ -5,8 +5,7 @@ celeba_dir; torchvision's celeba/ subfolder and Kaggle's layout (img_align_celeb
 list_attr_celeba.csv) work too. A rerun skips the images already written, so an interrupted run is
 finished by running the same command again.
 """
-# common first: from here on a Ctrl-C is one line, even while the other modules load
-from common import celeba_folder, configure, fail, make_folder, output_failed
+import common  # noqa: F401  first: from here on a Ctrl-C is one line, even while the other modules load
 
 import functools
 import math
@@ -20,6 +19,11 @@ from multiprocessing import Pool
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
+
+from plumbing.celeba import celeba_folder
+from plumbing.config import configure
+from plumbing.files import make_folder, output_failed
+from plumbing.machine import fail
 
 celeba_dir = 'data/celebA'  # folder holding img_align_celeba/ (or img_align_celeba.zip) and list_attr_celeba.txt
 isCrop = False             # keep only the centred 108x108 face instead of the whole centred 178x178 square

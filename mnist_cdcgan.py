@@ -3,17 +3,14 @@
 Train:     python mnist_cdcgan.py            (any constant below: --name=value, e.g. --d=64)
 Sample:    python mnist_cdcgan.py --generate=10
 """
-import time
-
-import common  # before torch: from here on, even while torch loads, a Ctrl-C is one line
+import common  # first: from here on a Ctrl-C is one line, even while torch loads
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mnist_classifier import MnistQuality
 
-data_dir = 'data'                     # holds MNIST/raw/ with the four IDX files
-results_dir = 'MNIST_cDCGAN_results'  # non-empty: grids, plots, weights, history and checkpoint go here
+# ---------------------------------------------------------------- the experiment
 train_epoch = 20                      # [1, 10000]: epochs to train (lr / 10 at the start of epochs 11 and 16)
 batch_size = 128                      # >= 2: images per step
 lr = 0.0002                           # > 0: Adam learning rate of both networks
@@ -21,21 +18,25 @@ beta1 = 0.5                           # [0, 1): Adam beta1
 z_dim = 100                           # [1, 10000]: length of the noise vector, drawn from N(0, 1)
 d = 128                               # [2, 1024], even: width; G's layers have 4d, 2d, d channels, D's d/2, d, 2d, 4d
 img_size = 32                         # {32}: image side in pixels (the layers fix it at 32)
-train_limit = 0                       # >= 0: 0 = all 60,000 training images; N = only the first N
-device = 'auto'                       # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
 seed = 0                              # [0, 4294967295]: seed of every random draw
-resume = True                         # continue from results_dir/checkpoint.pt when it exists
-generate = 0                          # [0, 1000]: 0 trains; N only writes N new samples per digit from the trained G
 label_smoothing = 0.0                 # [0, 1): D's target for real images is 1 - this (one-sided); 0 = original
 ema_decay = 0.999                     # [0, 1): grids and saved G use an EMA of G's weights; 0 = original (raw G)
-quality_samples = 2000                # 0 or [2, 100000]: samples scored after each epoch (fid, class_entropy); 0 = off
-collapse_factor = 4.0                 # 0 or > 1: an epoch whose fid is over this times the best is a collapse; 0 = off
-stop_on_collapse = False              # on a collapse: True stops training, False goes on; the best G is kept
-generate_from = 'best'                # {best, last}: --generate samples from the best generator by fid, or the last
+
+# ---------------------------------------------------------------- the run
+data_dir = 'data'                     # holds MNIST/raw/ with the four IDX files
+results_dir = 'MNIST_cDCGAN_results'  # non-empty: grids, plots, weights, history and checkpoint go here
+train_limit = 0                       # >= 0: 0 = all 60,000 training images; N = only the first N
+resume = True                         # continue from results_dir/checkpoint.pt when it exists
+device = 'auto'                       # auto (cuda, else mps, else cpu), cpu, cuda, cuda:1, mps
 precision = 'auto'                    # {auto, bf16, fp16, fp32}: auto = bf16 on hardware with native bf16, else fp32
 channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
 sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
 compile = False                       # torch.compile G and D (minutes to start; no clear gain measured here)
+quality_samples = 2000                # 0 or [2, 100000]: samples scored after each epoch (fid, class_entropy); 0 = off
+collapse_factor = 4.0                 # 0 or > 1: an epoch whose fid is over this times the best is a collapse; 0 = off
+stop_on_collapse = False              # on a collapse: True stops training, False goes on; the best G is kept
+generate = 0                          # [0, 1000]: 0 trains; N only writes N new samples per digit from the trained G
+generate_from = 'best'                # {best, last}: --generate samples from the best generator by fid, or the last
 
 MODEL = 'MNIST_cDCGAN'
 N_CLASSES = 10
@@ -114,96 +115,56 @@ def learning_rate(epoch):
     return lr / 10 ** sum(epoch >= drop for drop in (11, 16))
 
 
-def generate_samples(run_device):
-    weights = common.generator_weights(results_dir, MODEL, generate_from)
-    G = common.load_weights(Generator(z_dim, d), weights).to(run_device)
-    z, labels = class_grid_inputs(generate, run_device)
-    path = f"{results_dir}/{MODEL}_generated.png"
-    common.save_grid(common.sample(G, z, labels), path, nrow=generate)
+def generate_samples(run):
+    G = run.trained_generator(Generator(z_dim, d))
+    z, labels = class_grid_inputs(generate, run.device)
+    path = run.save_grid(f"{MODEL}_generated.png", common.sample(G, z, labels), nrow=generate)
     print(f"wrote {path}: {generate} samples of each digit, one row per digit")
 
 
-def train(world):
-    run_device, rank_batch = world.device, batch_size // world.size  # each process's share of a batch
-    ctx, scaler = common.mixed_precision(precision, run_device, BF16_BY_DEFAULT)
-    fmt = common.memory_format(channels_last)
-    images, labels = common.load_training_set(data_dir, img_size, train_limit, batch_size, run_device)
-
-    G = Generator(z_dim, d).to(run_device, memory_format=fmt)
-    D = Discriminator(d).to(run_device, memory_format=fmt)
-    G_ema = common.ema_model(G, ema_decay)
-    if compile:
-        common.compile_models(G, D)
-    opt_G = common.adam(G.parameters(), lr, beta1, run_device)
-    opt_D = common.adam(D.parameters(), lr, beta1, run_device)
-    run = common.Run(MODEL, common.constants(globals()),
-                     models={'generator': G, 'discriminator': D, 'generator_average': G_ema},
-                     optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=scaler,
-                     exports={'generator': G_ema.module, 'discriminator': D},
-                     best_by='fid' if quality_samples else None)
+def train(run):
+    images, labels = common.mnist_training_set(data_dir, img_size, train_limit, batch_size, run.device)  # uint8
+    G = Generator(z_dim, d).to(run.device, memory_format=run.memory_format)
+    D = Discriminator(d).to(run.device, memory_format=run.memory_format)
+    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
+    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
     # Before start(), whose restored random state must not be drawn from by anything but training.
-    quality = MnistQuality(data_dir, img_size, run_device) if quality_samples else None
-    first_epoch = run.start(lambda: fixed_inputs(run_device))
-    common.save_grid(common.to_unit_range(images[:100]), run.path('raw_MNIST.png'), nrow=10)
-    fixed = {name: tensor.to(run_device) for name, tensor in run.fixed.items()}
-    G, D = world.parallel(G), world.parallel(D)  # DistributedDataParallel under torchrun
+    quality = MnistQuality(data_dir, img_size, run.device) if quality_samples else None
+    G, D, G_ema, fixed = run.start(G, D, opt_G, opt_D, fixed_inputs)
+    run.save_grid('raw_MNIST.png', images[:100], nrow=10)
     loss = nn.BCEWithLogitsLoss()
-    real_target = torch.full((rank_batch,), 1.0 - label_smoothing, device=run_device)
-    ones, zeros = torch.ones(rank_batch, device=run_device), torch.zeros(rank_batch, device=run_device)
-    collapse = common.CollapseCheck(label_smoothing, stop_on_collapse, collapse_factor)
+    real_target = torch.full((run.rank_batch,), 1.0 - label_smoothing, device=run.device)
+    ones, zeros = torch.ones(run.rank_batch, device=run.device), torch.zeros(run.rank_batch, device=run.device)
 
-    try:
-        for epoch in range(first_epoch, train_epoch + 1):
-            common.set_learning_rate((opt_G, opt_D), learning_rate(epoch))
-            means = common.EpochMeans()
-            batches = common.shuffled_batches(len(images), batch_size, run_device, seed, epoch)
-            start = time.perf_counter()
-            for index in common.progress(batches, f"epoch {epoch}"):
-                x, y = common.real_batch(images, index, run_device, fmt), labels[index]
-                fake_labels = torch.randint(0, N_CLASSES, (rank_batch,), device=run_device)
-                # update D: maximise log D(x|y) + log(1 - D(G(z|y')|y')), y' the fake labels
-                with ctx:
-                    fake = G(noise(rank_batch, run_device), fake_labels)
-                    d_real, d_fake = D(x, y), D(fake.detach(), fake_labels)
-                    loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
-                opt_D.zero_grad(set_to_none=True)
-                scaler.scale(loss_d).backward()
-                scaler.step(opt_D)
+    for epoch in run.epochs(learning_rate):
+        for x, y in run.batches(images, labels):
+            fake_labels = torch.randint(0, N_CLASSES, (run.rank_batch,), device=run.device)
+            # update D: maximise log D(x|y) + log(1 - D(G(z|y')|y')), y' the fake labels
+            with run.autocast:
+                fake = G(noise(run.rank_batch, run.device), fake_labels)
+                d_real, d_fake = D(x, y), D(fake.detach(), fake_labels)
+                loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
+            opt_D.zero_grad(set_to_none=True)
+            run.scaler.scale(loss_d).backward()
+            run.scaler.step(opt_D)
 
-                # update G: maximise log D(G(z|y')|y'), the non-saturating form of minimising log(1 - D(...))
-                with ctx:
-                    loss_g = loss(D(fake, fake_labels), ones)
-                opt_G.zero_grad(set_to_none=True)
-                scaler.scale(loss_g).backward()
-                scaler.step(opt_G)
-                scaler.update()
-                G_ema.update_parameters(G)
+            # update G: maximise log D(G(z|y')|y'), the non-saturating form of minimising log(1 - D(...))
+            with run.autocast:
+                loss_g = loss(D(fake, fake_labels), ones)
+            opt_G.zero_grad(set_to_none=True)
+            run.scaler.scale(loss_g).backward()
+            run.scaler.step(opt_G)
+            run.scaler.update()
+            G_ema.update_parameters(G)
 
-                means.add(loss_d=loss_d, loss_g=loss_g,  # D's mean probabilities in fp32, as the losses
-                          d_real=d_real.float().sigmoid().mean(), d_fake=d_fake.float().sigmoid().mean())
-            common.synchronize(run_device)
-            seconds = time.perf_counter() - start
-            grids = {run.fixed_grid_path(epoch): (common.sample(G_ema.module, fixed['z'], fixed['labels']), 10)}
-            scores = quality.score(common.sample(G_ema.module, fixed['quality_z'], fixed['quality_labels']),
-                                   fixed['quality_labels']) if quality else {}
-            run.end_epoch(epoch, {**means.read(), **scores}, seconds, batches.numel(), grids)
-            if collapse.stops(run):
-                break
-        if quality:
-            quality.plot(run.history, run.path(f"{MODEL}_quality.png"))
-        run.finish()
-    except common.INTERRUPTIONS as cause:
-        run.interrupted(cause)
+            run.log(loss_d=loss_d, loss_g=loss_g,  # D's mean probabilities in fp32, as the losses
+                    d_real=d_real.float().sigmoid().mean(), d_fake=d_fake.float().sigmoid().mean())
+        run.end_epoch(fixed_grid=(common.sample(G_ema.module, fixed['z'], fixed['labels']), 10),
+                      scores=quality.score(common.sample(G_ema.module, fixed['quality_z'], fixed['quality_labels']),
+                                           fixed['quality_labels']) if quality else {})
+    if quality:
+        quality.plot(run.history, run.path(f"{MODEL}_quality.png"))
 
 
 if __name__ == '__main__':
-    common.configure(globals())
-    if 0 < train_limit < batch_size:
-        common.fail(f"--train_limit={train_limit} is less than one batch of {batch_size}; "
-                    f"raise it or lower --batch_size", 2)
-    world = common.World(device, batch_size, generate, sync_batchnorm)  # one process, or torchrun's
-    torch.manual_seed(seed)
-    if generate:
-        generate_samples(world.device)
-    else:
-        train(world)
+    common.main(globals(), train, generate_samples)

@@ -14,10 +14,16 @@ import math
 import os
 import time
 
-import common  # before torch: from here on, even while torch loads, a Ctrl-C is one line
+import common  # noqa: F401  first: from here on a Ctrl-C is one line, even while torch loads
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from plumbing.config import configure
+from plumbing.data import load_mnist, require_a_batch, resize_images, shuffled_batches, to_unit_range
+from plumbing.files import is_state_dict, load_torch, save_torch
+from plumbing.images import plot_curves
+from plumbing.machine import fail, pick_device, progress, synchronize
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_classifier.pt')
 CLASSIFIER_SIZE = 28   # the classifier reads 28x28 images, MNIST's own size
@@ -72,16 +78,16 @@ class Classifier(nn.Module):
 def load_classifier(path, run_device):
     """The trained classifier in eval mode, or stop with one line saying how to get it."""
     if not os.path.exists(path):
-        common.fail(f"no trained MNIST classifier at {path}; run python mnist_classifier.py to train it")
+        fail(f"no trained MNIST classifier at {path}; run python mnist_classifier.py to train it")
     model = Classifier()
     retrain = "run python mnist_classifier.py to train it again"
-    state = common.load_torch(path, retrain)
-    if not common.is_state_dict(state):
-        common.fail(f"{path} is damaged: it holds no state_dict of weights; {retrain}")
+    state = load_torch(path, retrain)
+    if not is_state_dict(state):
+        fail(f"{path} is damaged: it holds no state_dict of weights; {retrain}")
     try:
         model.load_state_dict(state)
     except RuntimeError:
-        common.fail(f"{path} does not fit this Classifier; {retrain}")
+        fail(f"{path} does not fit this Classifier; {retrain}")
     return model.to(run_device).eval()
 
 
@@ -156,8 +162,8 @@ class MnistQuality:
         self.img_size = img_size
         self.device = torch.device(device)
         self.classifier = load_classifier(weights, self.device)
-        images, _ = common.load_mnist(data_dir, train=False)
-        reference = common.to_unit_range(common.resize_images(images, img_size))
+        images, _ = load_mnist(data_dir, train=False)
+        reference = to_unit_range(resize_images(images, img_size))
         features, _ = self._classify(reference)
         self.mu, self.cov = gaussian(features)
 
@@ -192,20 +198,20 @@ class MnistQuality:
         """fid and the class shares of a run's history, epoch by epoch."""
         shares = [key for key in ('class_acc', 'class_entropy') if key in history[0]]
         # fid falls from ~1000 to single digits: only a log scale shows the late epochs.
-        common.plot_curves(history, [('fid (lower is better)', ['fid'], 'log'), ('share or nats', shares, 'linear')],
+        plot_curves(history, [('fid (lower is better)', ['fid'], 'log'), ('share or nats', shares, 'linear')],
                            path)
 
 
 # ---------------------------------------------------------------- training
 
 def load_split(train, run_device):
-    images, labels = common.load_mnist(data_dir, train=train)
-    return common.to_unit_range(images.unsqueeze(1)).to(run_device), labels.to(run_device)
+    images, labels = load_mnist(data_dir, train=train)
+    return to_unit_range(images.unsqueeze(1)).to(run_device), labels.to(run_device)
 
 
 def train(run_device):
     images, labels = load_split(True, run_device)
-    common.require_a_batch(len(images), batch_size)
+    require_a_batch(len(images), batch_size)
     test_images, test_labels = load_split(False, run_device)
     model = Classifier().to(run_device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -217,8 +223,8 @@ def train(run_device):
             model.train()
             loss_sum = torch.zeros((), device=run_device)  # read once per epoch, not per step
             start = time.perf_counter()
-            batches = common.shuffled_batches(len(images), batch_size, run_device, seed, epoch)
-            for index in common.progress(batches, f"epoch {epoch}"):
+            batches = shuffled_batches(len(images), batch_size, run_device, seed, epoch)
+            for index in progress(batches, f"epoch {epoch}"):
                 loss = F.cross_entropy(model(images[index]), labels[index])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -226,24 +232,24 @@ def train(run_device):
                 schedule.step()
                 loss_sum += loss.detach()
             test_accuracy = accuracy(model, test_images, test_labels)
-            common.synchronize(run_device)
+            synchronize(run_device)
             seconds = time.perf_counter() - start
             total += seconds
             train_loss = loss_sum.item() / len(batches)
             if not math.isfinite(train_loss):
-                common.fail(f"epoch {epoch}: the training loss became {train_loss}; try a lower --lr")
+                fail(f"epoch {epoch}: the training loss became {train_loss}; try a lower --lr")
             print(f"[{epoch}/{train_epoch}] train loss: {train_loss:.4f}, test accuracy: {test_accuracy:.4f}, "
                   f"{seconds:.1f} s", flush=True)
     except KeyboardInterrupt:
-        common.fail(f"interrupted; {weights} is written only after the last epoch, so it was not changed. "
+        fail(f"interrupted; {weights} is written only after the last epoch, so it was not changed. "
                     f"Run the same command again to train", 130)
-    common.save_torch(model.state_dict(), weights)
+    save_torch(model.state_dict(), weights)
     print(f"wrote {weights} ({os.path.getsize(weights) / 1e3:.0f} kB) after {total:.0f} s of training; "
           f"test accuracy {test_accuracy:.4f}")
 
 
 if __name__ == '__main__':
-    common.configure(globals())
-    run_device = common.pick_device(device)
+    configure(globals())
+    run_device = pick_device(device)
     torch.manual_seed(seed)
     train(run_device)

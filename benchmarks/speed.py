@@ -24,7 +24,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-import common  # noqa: E402  (the repository root is put on the path first)
+from plumbing import config, files, machine  # noqa: E402  (the repository root is put on the path first)
 
 scripts = 'mnist_gan.py,mnist_cgan.py,mnist_dcgan.py,mnist_cdcgan.py,celeba_dcgan.py,celeba_cdcgan.py'  # comma-separated
 precisions = ''           # comma-separated; '' = those the device runs natively: fp32 and bf16 (and fp16 on CUDA)
@@ -103,10 +103,10 @@ def measure_peaks(dtype, device, n_threads):
             work()
             times = []
             for _ in range(5):
-                common.synchronize(device)
+                machine.synchronize(device)
                 start = time.perf_counter()
                 work()
-                common.synchronize(device)
+                machine.synchronize(device)
                 times.append(time.perf_counter() - start)
         return flops / min(times) / 1e9
     return best_rate(lambda: a @ b, 2 * 2048 ** 3), best_rate(lambda: conv(x), conv_flops)
@@ -129,7 +129,7 @@ def run_script(script, data_dir, results_dir, precision, layout, memory_format, 
     command = [*launcher, path, '--', *args] if processes > 1 else [sys.executable, path, *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        common.fail(f"{script} {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1]}")
+        machine.fail(f"{script} {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1]}")
     with open(os.path.join(results_dir, f"{module.MODEL}_train_hist.json")) as f:
         return json.load(f)['epochs'][-1]['images_per_second']
 
@@ -141,14 +141,14 @@ def native_precisions(device):
 
 
 def main():
-    run_device = common.pick_device(device)
+    run_device = machine.pick_device(device)
     names = [s.strip() for s in scripts.split(',') if s.strip()]
     chosen = [p.strip() for p in precisions.split(',') if p.strip()] or native_precisions(run_device)
     shapes = [tuple(int(n) for n in layout.split('x')) for layout in layouts.split(',')]
     shapes = [(1, 1)] if run_device.type != 'cpu' else shapes  # one GPU
     formats = [f.strip() for f in memory_formats.split(',') if f.strip()]
     if not set(formats) <= {'channels_last', 'contiguous'}:
-        common.fail(f"--memory_formats={memory_formats}: use channels_last, contiguous or both, comma-separated", 2)
+        machine.fail(f"--memory_formats={memory_formats}: use channels_last, contiguous or both, comma-separated", 2)
     formats_of = {s: formats if hasattr(load_script(s), 'channels_last') else ['-'] for s in names}  # MLPs: none
     width, batch, rounds = (8, 16, 1) if smoke else (None, 128, repeats)
     dtypes = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -174,7 +174,7 @@ def main():
     table = report(names, shapes, formats_of, chosen, rates, flops, peaks)
     print(table)
     if not smoke:
-        common.save_json({'device': describe(run_device), 'torch': torch.__version__, 'batch': batch, 'steps': steps,
+        files.save_json({'device': describe(run_device), 'torch': torch.__version__, 'batch': batch, 'steps': steps,
                           'rates': {f"{s} {n[0]}x{n[1]} {m} {p}": r for (s, n, m, p), r in rates.items()},
                           'flops_per_image': flops,
                           'peaks_gflops': {f"{p} {n}": {'matmul': m, 'conv': c} for (p, n), (m, c) in peaks.items()},
@@ -187,7 +187,7 @@ def describe(device):
     if device.type == 'cpu':
         model = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
                      'unknown CPU') if os.path.exists('/proc/cpuinfo') else 'unknown CPU'
-        return f"{model}, native bf16: {common.cpu_bf16_instructions() or 'none'}"
+        return f"{model}, native bf16: {machine.cpu_bf16_instructions() or 'none'}"
     return device.type
 
 
@@ -214,5 +214,5 @@ def report(names, shapes, formats_of, chosen, rates, flops, peaks):
 
 
 if __name__ == '__main__':
-    common.configure(globals())
+    config.configure(globals())
     main()

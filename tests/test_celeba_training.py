@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+from plumbing import celeba
 from conftest import REPO, ModelWatch, assert_same_picture, assert_same_run, png_pixels, render, \
     run_in_process, run_script, write_faces
 
@@ -245,7 +245,7 @@ def test_the_cache_holds_imagefolder_order_and_pixels(tmp_path):
     from torchvision.datasets import ImageFolder
     from torchvision.transforms.functional import pil_to_tensor
     write_faces(tmp_path / 'faces', {'female': 5, 'male': 3})
-    images, labels, classes = common.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
+    images, labels, classes = celeba.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
     reference = ImageFolder(str(tmp_path / 'faces'))
     assert classes == reference.classes == ['female', 'male'] and images.shape == (8, 3, 64, 64)
     assert labels.tolist() == reference.targets == [0] * 5 + [1] * 3
@@ -257,22 +257,22 @@ def test_the_cache_is_built_once_and_rebuilt_when_the_folder_changes(tmp_path, c
     folder = str(tmp_path / 'faces')
     write_faces(folder, {'female': 4, 'male': 4})
     cache = tmp_path / 'faces.u8'
-    common.image_folder_tensor(folder, 64, 'cmd')
+    celeba.image_folder_tensor(folder, 64, 'cmd')
     assert 'decoding the 8 images' in capsys.readouterr().out
     built = cache.stat().st_mtime_ns
 
-    images, _, _ = common.image_folder_tensor(folder, 64, 'cmd')
+    images, _, _ = celeba.image_folder_tensor(folder, 64, 'cmd')
     assert capsys.readouterr().out == '' and cache.stat().st_mtime_ns == built and len(images) == 8
 
     write_faces(folder, {'male': 1}, seed=7)  # one more face
-    images, labels, _ = common.image_folder_tensor(folder, 64, 'cmd')
+    images, labels, _ = celeba.image_folder_tensor(folder, 64, 'cmd')
     assert 'decoding the 9 images' in capsys.readouterr().out
     assert len(images) == 9 and labels.tolist() == [0] * 4 + [1] * 5
 
 
 def test_train_limit_keeps_both_genders(tmp_path):
     write_faces(tmp_path / 'faces', {'female': 30, 'male': 10})
-    images, labels = common.load_celeba(str(tmp_path / 'faces'), False, 64, 8, 4, torch.device('cpu'))
+    images, labels = celeba.load_celeba(str(tmp_path / 'faces'), False, 64, 8, 4, torch.device('cpu'))
     assert images.shape == (8, 3, 64, 64) and 0 < labels.sum() < 8
 
 

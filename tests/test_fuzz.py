@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-import common
+from plumbing import config
 from conftest import copy_results, folder_state
 from test_celeba_training import write_faces
 
@@ -43,7 +43,7 @@ SCRIPTS = {
 
 
 def constants_of(script):
-    return common.constants(vars(importlib.import_module(script.removesuffix('.py'))))
+    return config.constants(vars(importlib.import_module(script.removesuffix('.py'))))
 
 
 def values_for(name, default):

@@ -21,7 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+from plumbing import celeba, config, data, files, folder
 from conftest import OFFLINE, REPO, copy_results, folder_state, run_script
 from test_celeba_training import write_faces
 
@@ -118,9 +118,9 @@ SCRIPTS = ['mnist_gan.py', 'mnist_cgan.py', 'mnist_dcgan.py', 'mnist_cdcgan.py',
 @pytest.mark.parametrize('script', SCRIPTS)
 def test_every_constant_but_bools_and_free_paths_has_a_range_that_holds_its_default(script):
     module = importlib.import_module(script.removesuffix('.py'))
-    help_of = common.constant_help(module.__file__)
-    for name, value in common.constants(vars(module)).items():
-        allowed = common.constant_range(help_of[name])
+    help_of = config.constant_help(module.__file__)
+    for name, value in config.constants(vars(module)).items():
+        allowed = config.constant_range(help_of[name])
         free = type(value) is bool or name in NO_RANGE or (name == 'results_dir' and script in CELEBA_RESULTS)
         assert (allowed is None) == free, name
         assert free or allowed.allows(value), name
@@ -148,7 +148,7 @@ def test_help_shows_each_range_before_its_meaning(script_server, tmp_path):
     ('non-empty', ['x', ' '], ['']),
 ])
 def test_the_range_notation(spec, allowed, refused):
-    range_ = common.constant_range(f'{spec}: the meaning')
+    range_ = config.constant_range(f'{spec}: the meaning')
     assert [range_.allows(v) for v in allowed] == [True] * len(allowed)
     assert [range_.allows(v) for v in refused] == [False] * len(refused)
 
@@ -156,13 +156,13 @@ def test_the_range_notation(spec, allowed, refused):
 @pytest.mark.parametrize('comment', ['0: all 60,000 images; N: the first N', 'auto (cuda, else cpu), cuda:1',
                                      'the meaning, with no range', '> zero: a typo is no range'])
 def test_a_comment_that_opens_with_no_range_has_none(comment):
-    assert common.constant_range(comment) is None
+    assert config.constant_range(comment) is None
 
 
 def test_a_value_edited_in_the_script_is_checked_too(capsys):
     namespace = {'__file__': str(REPO / 'mnist_gan.py'), 'z_dim': 0, 'lr': 0.0002}
     with pytest.raises(SystemExit) as stop:
-        common.configure(namespace, [])
+        config.configure(namespace, [])
     assert stop.value.code == 2
     assert capsys.readouterr().err == 'error: z_dim = 0 in mnist_gan.py: choose a value in [1, 10000]\n'
 
@@ -217,7 +217,7 @@ def test_where_the_file_system_cannot_lock_a_run_warns_and_goes_on(tmp_path, mon
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, 'No locks available')  # an NFS mount without a lock service
     monkeypatch.setattr(fcntl, 'flock', no_locks)
-    common.Run('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
+    folder.RunFolder('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
     assert capsys.readouterr().err == (f'warning: cannot lock {tmp_path}/run.lock (No locks available); nothing '
                                        f'stops a second run from writing to {tmp_path}/ at the same time, so start '
                                        f'only one there\n')
@@ -245,7 +245,7 @@ def test_ctrl_c_says_which_epoch_the_checkpoint_really_holds(mnist_dir, tmp_path
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tmp_path, capsys):
-    run = common.Run('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
+    run = folder.RunFolder('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
     run.history = [{'epoch': 1}]  # recorded, but interrupted before its checkpoint was written
     with pytest.raises(SystemExit) as stop:
         run.interrupted(KeyboardInterrupt())
@@ -271,7 +271,8 @@ def test_sigterm_while_starting_is_one_line(tmp_path):
     # What a script does before its training loop: World installs the SIGTERM handler, then the data and
     # the models load; here the signal arrives at that moment, every time.
     starting = ("import os, signal, common\n"
-                "world = common.World('cpu', batch_size=2)\n"
+                "from plumbing import machine\n"
+                "world = machine.World('cpu', batch_size=2)\n"
                 "os.kill(os.getpid(), signal.SIGTERM)\n"
                 "open('loaded_the_data', 'w').close()\n")
     done = subprocess.run([sys.executable, '-c', starting], cwd=tmp_path, capture_output=True, text=True,
@@ -370,13 +371,13 @@ def test_celeba_preprocess_on_a_full_disk_stops_with_one_line_and_no_partial_fac
 
 def test_a_write_the_system_refuses_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, capsys):
     target = tmp_path / 'history.json'
-    common.save_json({'epochs': 1}, str(target))
+    files.save_json({'epochs': 1}, str(target))
 
     def refuse(source, destination):  # as for a user without write permission on the folder
         raise PermissionError(errno.EACCES, 'Permission denied', destination)
     monkeypatch.setattr(os, 'replace', refuse)
     with pytest.raises(SystemExit) as stop:
-        common.save_json({'epochs': 2}, str(target))
+        files.save_json({'epochs': 2}, str(target))
     assert stop.value.code == 1
     assert capsys.readouterr().err == (f'error: cannot write {target} (Permission denied); make its folder writable '
                                        f'or choose another, then run the same command again\n')
@@ -386,9 +387,9 @@ def test_a_write_the_system_refuses_is_one_line_and_leaves_the_old_file(tmp_path
 def test_an_unwritable_results_folder_is_one_line(tmp_path, monkeypatch, capsys):
     def refuse(path, mode):  # as open() fails for a user without write permission on the folder
         raise PermissionError(errno.EACCES, 'Permission denied', path)
-    monkeypatch.setattr(common, 'open', refuse, raising=False)
+    monkeypatch.setattr(files, 'open', refuse, raising=False)
     with pytest.raises(SystemExit) as stop:
-        common.Run('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
+        folder.RunFolder('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
     assert stop.value.code == 1
     assert capsys.readouterr().err == (f'error: cannot write {tmp_path}/run.lock (Permission denied); make its '
                                        f'folder writable or choose another, then run the same command again\n')
@@ -421,7 +422,7 @@ def test_a_damaged_mnist_file_is_one_line_naming_it(mnist_dir, tmp_path, capsys,
     gz = (raw_dir / (IMAGES + '.gz')).read_bytes()
     (raw_dir / name).write_bytes(damage(gz, gzip.decompress(gz)))  # the unzipped name is read first
     with pytest.raises(SystemExit) as stop:
-        common.load_mnist(str(tmp_path))
+        data.load_mnist(str(tmp_path))
     assert stop.value.code == 1
     assert capsys.readouterr().err == (f'error: {raw_dir / name} is damaged: {problem}; replace it with a good '
                                        f'copy, or delete it to download MNIST again\n')
@@ -434,7 +435,7 @@ def test_mnist_labels_that_are_no_digits_are_one_line(mnist_dir, tmp_path, capsy
     raw[-1] = 10
     (raw_dir / LABELS).write_bytes(bytes(raw))
     with pytest.raises(SystemExit):
-        common.load_mnist(str(tmp_path))
+        data.load_mnist(str(tmp_path))
     assert capsys.readouterr().err == (f'error: {raw_dir / LABELS} does not hold digit labels 0-9; replace it with '
                                        f'a good copy, or delete it to download MNIST again\n')
 
@@ -455,7 +456,7 @@ def test_a_damaged_face_is_one_line_and_leaves_no_cache(tmp_path, capsys):
     damaged = sorted((tmp_path / 'faces' / 'male').iterdir())[0]
     damaged.write_bytes(damaged.read_bytes()[:300])
     with pytest.raises(SystemExit) as stop:
-        common.image_folder_tensor(str(tmp_path / 'faces'), 64, 'python celeba_preprocess.py')
+        celeba.image_folder_tensor(str(tmp_path / 'faces'), 64, 'python celeba_preprocess.py')
     assert stop.value.code == 1
     assert capsys.readouterr().err == (f'error: cannot decode {damaged}: it is damaged; delete it and make it again '
                                        f'with: python celeba_preprocess.py\n')
@@ -465,14 +466,14 @@ def test_a_damaged_face_is_one_line_and_leaves_no_cache(tmp_path, capsys):
 @pytest.mark.parametrize('damage', ['index', 'cut short'])
 def test_a_damaged_cache_is_decoded_again(tmp_path, capsys, damage):
     write_faces(tmp_path / 'faces', {'female': 3, 'male': 2})
-    images, _, _ = common.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
+    images, _, _ = celeba.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
     images = images.clone()  # not the mapped file, which is cut short below
     if damage == 'index':
         (tmp_path / 'faces.u8.json').write_text('{"fingerprint": ')
     else:
         os.truncate(tmp_path / 'faces.u8', 1000)
     capsys.readouterr()
-    again, _, _ = common.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
+    again, _, _ = celeba.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
     assert 'decoding the 5 images' in capsys.readouterr().out
     assert torch.equal(again, images)
 
@@ -481,7 +482,7 @@ def test_a_folder_where_the_cache_belongs_is_one_line(tmp_path, capsys):
     write_faces(tmp_path / 'faces', {'female': 2, 'male': 2})
     (tmp_path / 'faces.u8').mkdir()
     with pytest.raises(SystemExit):
-        common.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
+        celeba.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
     assert capsys.readouterr().err == (f'error: cannot write {tmp_path}/faces.u8 (Is a directory); a folder stands '
                                        f'where the file should be; move it away or choose another folder\n')
     assert sorted(os.listdir(tmp_path)) == ['faces', 'faces.u8']

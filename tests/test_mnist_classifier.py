@@ -13,7 +13,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import common  # noqa: E402
+from plumbing import data  # noqa: E402
 from conftest import run_script  # noqa: E402
 from mnist_classifier import (DEFAULT_WEIGHTS, Classifier, MnistQuality, accuracy, frechet_distance,  # noqa: E402
                               load_classifier)
@@ -25,7 +25,7 @@ FLOOR = 5.0  # fid of N real training images is about 1.5-2.5: the sampling nois
 
 @pytest.fixture(scope='module')
 def train_set():
-    return common.load_mnist(DATA, train=True)
+    return data.load_mnist(DATA, train=True)
 
 
 @pytest.fixture(scope='module')
@@ -43,7 +43,7 @@ def quality():
 
 def at_size(images_uint8, size):
     """Images as a GAN trained at size sees them: resized, in [-1, 1]."""
-    return common.to_unit_range(common.resize_images(images_uint8, size))
+    return data.to_unit_range(data.resize_images(images_uint8, size))
 
 
 def uniform_noise(size):
@@ -59,9 +59,9 @@ def test_shipped_weights_are_small_and_load_safely():
 
 
 def test_shipped_classifier_reaches_99_percent_on_the_test_set():
-    images, labels = common.load_mnist(DATA, train=False)
+    images, labels = data.load_mnist(DATA, train=False)
     model = load_classifier(DEFAULT_WEIGHTS, torch.device('cpu'))
-    assert accuracy(model, common.to_unit_range(images.unsqueeze(1)), labels) >= 0.99
+    assert accuracy(model, data.to_unit_range(images.unsqueeze(1)), labels) >= 0.99
 
 
 def test_features_are_the_penultimate_layer():

@@ -14,7 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-import common
+from plumbing.config import configure
+from plumbing.folder import RunFolder
+from plumbing.run import CollapseCheck
 from conftest import OFFLINE, REPO, ModelWatch, assert_same_picture, assert_same_run, png_pixels, render, \
     run_in_process, run_script
 
@@ -235,7 +237,7 @@ def test_bad_overrides_get_one_line_and_status_2(args, message, capsys):
     namespace = {'__file__': str(REPO / 'mnist_cgan.py'), 'data_dir': 'data', 'results_dir': 'out',
                  'train_epoch': 50, 'lr': 0.0002, 'resume': True}
     with pytest.raises(SystemExit) as stop:
-        common.configure(namespace, args)
+        configure(namespace, args)
     assert stop.value.code == 2
     error = capsys.readouterr().err
     assert error.count('\n') == 1 and message in error
@@ -244,7 +246,7 @@ def test_bad_overrides_get_one_line_and_status_2(args, message, capsys):
 def test_good_overrides_take_their_constants_types():
     namespace = {'__file__': str(REPO / 'mnist_cgan.py'), 'lr': 0.0002, 'train_epoch': 50, 'resume': True,
                  'device': 'auto', 'isCrop': False, 'MODEL': 'fixed'}
-    config = common.configure(namespace, ['--lr=1e-3', '--train_epoch=3', '--resume=false', '--device=cpu',
+    config = configure(namespace, ['--lr=1e-3', '--train_epoch=3', '--resume=false', '--device=cpu',
                                           '--isCrop=True'])
     assert config == {'lr': 1e-3, 'train_epoch': 3, 'resume': False, 'device': 'cpu', 'isCrop': True}
 
@@ -390,7 +392,7 @@ def test_missing_mnist_without_network_names_the_folder_and_files(tmp_path):
 
 def run_with_losses(tmp_path, losses_d):
     """A Run whose history holds epochs with these mean D losses, the last one just finished."""
-    run = common.Run('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
+    run = RunFolder('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
     run.history = [{'epoch': epoch, 'loss_d': loss_d} for epoch, loss_d in enumerate(losses_d, 1)]
     return run
 
@@ -400,7 +402,7 @@ def run_with_losses(tmp_path, losses_d):
 def test_a_discriminator_at_its_least_loss_is_a_collapse(tmp_path, capsys, smoothing, loss_d, collapsed):
     # With real targets of 0.9, D's loss cannot go below 0.325: a D that wins outright sits there, not at 0.
     run = run_with_losses(tmp_path, [0.9, 0.8, loss_d])
-    assert common.CollapseCheck(smoothing, stop_on_collapse=True).stops(run) == collapsed
+    assert CollapseCheck(smoothing, stop_on_collapse=True).stops(run) == collapsed
     assert ('COLLAPSE at epoch 3' in capsys.readouterr().out) == collapsed
 
 
@@ -408,5 +410,5 @@ def test_a_discriminator_at_its_least_loss_is_a_collapse(tmp_path, capsys, smoot
 def test_a_discriminator_winning_from_the_start_is_not_a_collapse(tmp_path, capsys, first_epochs):
     # Measured here: the MNIST DCGAN at d = 16 began with loss_d 0.027 over epoch 1 and then learned normally.
     run = run_with_losses(tmp_path, first_epochs)
-    assert not common.CollapseCheck(0.0, stop_on_collapse=True).stops(run)
+    assert not CollapseCheck(0.0, stop_on_collapse=True).stops(run)
     assert 'COLLAPSE' not in capsys.readouterr().out

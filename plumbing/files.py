@@ -1,0 +1,174 @@
+"""Files: atomic writes that fail with one line, torch files read as weights only, trained generators,
+and the lock that gives a results folder to one run at a time."""
+import datetime
+import errno
+import io
+import json
+import os
+import sys
+import warnings
+
+import torch
+
+from plumbing.machine import fail, writes_files
+
+
+def atomic_write(path, write):
+    """Call write(temp_path), then move the result into place: a reader never sees half a file.
+
+    Where writing fails (a full disk, no permission, a file where a folder should be), the file at path
+    stays as it was, the temporary file is removed, and one line names the path, the cause and what to do.
+    Under torchrun only rank 0 writes.
+    """
+    if not writes_files():
+        return
+    root, extension = os.path.splitext(path)
+    temp = f"{root}.tmp{os.getpid()}{extension}"  # the extension kept: image writers pick the format by it
+    try:
+        write(temp)
+        with open(temp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except OSError as e:
+        output_failed(path, e)
+    finally:
+        if os.path.lexists(temp):
+            os.remove(temp)
+
+
+def save_json(obj, path):
+    def write(temp):
+        with open(temp, 'w') as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
+
+
+def save_bytes(data, path):
+    """Write data atomically, through Python's file write, which reports a full disk as the OSError it is."""
+    def write(temp):
+        with open(temp, 'wb') as f:
+            f.write(data)
+    atomic_write(path, write)
+
+
+def save_torch(obj, path):
+    """torch.save, atomically. Serialised in memory first: torch's own file writer turns a full disk into
+    a RuntimeError that has lost the cause."""
+    data = io.BytesIO()
+    torch.save(obj, data)
+    save_bytes(data.getbuffer(), path)
+
+
+def make_folder(path):
+    """os.makedirs, or one line saying why the folder cannot be made (a file of that name, no permission)."""
+    try:
+        os.makedirs(path or '.', exist_ok=True)
+    except OSError as e:
+        output_failed(path, e, 'make the folder')
+
+
+_FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, 'EDQUOT', errno.ENOSPC)}
+
+
+def output_failed(path, error, action='write'):
+    """Stop with one line naming the output that could not be written, the cause and what to do."""
+    code = error.errno
+    if code in _FULL:
+        remedy = "free some space (or lift the limit on file sizes), then run the same command again"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        remedy = "make its folder writable or choose another, then run the same command again"
+    elif code in (errno.ENOTDIR, errno.EEXIST):
+        remedy = "a file stands where a folder should be; move it away or choose another folder"
+    elif code == errno.EISDIR:
+        remedy = "a folder stands where the file should be; move it away or choose another folder"
+    else:
+        remedy = "fix that, then run the same command again"
+    fail(f"cannot {action} {path} ({error.strerror or error}); {remedy}")
+
+
+def load_torch(path, remedy):
+    """What torch.save wrote to path, read as weights only, so no code in the file runs. A file that cannot
+    be read that way is damaged (or no file of weights) and stops the script with one line ending in
+    remedy: torch's advice to retry with weights_only=False would run whatever code the file holds."""
+    try:
+        f = open(path, 'rb')
+    except OSError as e:  # no permission, say: the file itself may be fine
+        fail(f"cannot read {path} ({e.strerror or e}); {remedy}")
+    with f, warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch warns of a pickle protocol before refusing the file anyway
+        try:
+            return torch.load(f, map_location='cpu', weights_only=True)
+        except Exception:  # whatever a truncated or garbled file makes the reader raise, it means the same
+            fail(f"{path} is damaged: it cannot be read as a file of weights; {remedy}")
+
+
+def is_state_dict(state):
+    return isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def generator_weights(results_dir, model_name, generate_from):
+    """The generator file --generate samples from: the best by fid, or the last epoch's."""
+    if generate_from not in ('best', 'last'):
+        fail(f"--generate_from={generate_from}: choose best or last", 2)
+    best = os.path.join(results_dir, f"{model_name}_generator_best.pt")
+    if generate_from == 'best' and os.path.exists(best):
+        return best
+    last = os.path.join(results_dir, f"{model_name}_generator.pt")
+    if generate_from == 'best' and os.path.exists(last):
+        print(f"no {best} (quality was not measured); sampling from the last generator")
+    return last
+
+
+def load_weights(model, path):
+    """Load a state_dict saved by a training run, or stop with one line saying how to get it.
+
+    A training run replaces its weight files atomically, so this reads complete files while it trains.
+    """
+    if not os.path.exists(path):
+        fail(f"no trained generator at {path}; train first (run the script without --generate)")
+    retrain = "delete it and train again (run the script without --generate)"
+    state = load_torch(path, retrain)
+    if not is_state_dict(state):
+        fail(f"{path} is damaged: it holds no state_dict of weights; {retrain}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        fail(f"{path} was trained with other model constants (z_dim, d, img_size, ...) or by another script; "
+             f"pass the constants it was trained with (its *_train_hist.json lists them) or another --results_dir")
+    return model
+
+LOCK_FILE = 'run.lock'
+
+
+def lock_folder(folder):
+    """Claim folder for this process alone: an exclusive lock on folder/run.lock, which the OS releases
+    when the process ends, however it ends, so a killed run leaves no stale lock. Returns the open lock
+    file, to be kept open while the run writes; a second process stops here with one line naming the
+    process that holds the lock. Where the file system cannot lock (no fcntl, as on Windows; an NFS
+    mount without a lock service) one line warns that nothing keeps a second run out, and the run goes on.
+    """
+    path = os.path.join(folder, LOCK_FILE)
+    try:
+        lock = open(path, 'a+')  # not truncated on opening: the holder's line stays readable
+    except OSError as e:
+        output_failed(path, e)
+    try:
+        import fcntl
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # held: EWOULDBLOCK
+        lock.seek(0)
+        holder = lock.read().strip() or 'another process that is just starting'
+        fail(f"{folder}/ is in use by another run ({holder}); wait for it to end, or pass another --results_dir")
+    except (ImportError, OSError) as e:  # no fcntl, or ENOLCK / EOPNOTSUPP from the file system
+        cause = getattr(e, 'strerror', None) or 'this system has no fcntl'
+        print(f"warning: cannot lock {path} ({cause}); nothing stops a second run from writing to "
+              f"{folder}/ at the same time, so start only one there", file=sys.stderr, flush=True)
+        return lock
+    import socket
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%Y-%m-%d %H:%M}: "
+               f"{' '.join(sys.argv)}\n")
+    lock.flush()
+    return lock
+

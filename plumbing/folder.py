@@ -1,0 +1,210 @@
+"""The files of one training run in its results folder: the lock, the checkpoint and resuming from it,
+the history, the best generator, the final outputs, and the one line an interruption ends with."""
+import math
+import os
+import sys
+
+import torch
+
+from plumbing.files import is_state_dict, load_torch, lock_folder, make_folder, save_json, save_torch
+from plumbing.images import plot_curves, save_animation, save_grid
+from plumbing.interrupts import Stopped
+from plumbing.machine import barrier, fail, gather, rank, world_size, writes_files
+
+
+class RunFolder:
+    """The files of one training run in results_dir and what survives an interruption.
+
+    The run holds results_dir alone from start to finish (lock_folder). After every epoch: the grids,
+    the weights, the JSON history and last a checkpoint with everything needed to continue (models,
+    optimizers, GradScaler, history, fixed inputs, RNG states, constants, and which script and model
+    made it), each replaced atomically so a kill at any moment leaves the last complete epoch; only
+    then the epoch's line is printed, so a printed epoch is a saved one.
+    """
+    RUN_CONTROL = {'train_epoch', 'resume', 'generate', 'device', 'results_dir', 'data_dir', 'train_limit',
+                   'precision', 'channels_last', 'compile'}
+
+    def __init__(self, model_name, config, models, optimizers, exports, scaler=None, best_by=None):
+        """config: the script's constants; models, optimizers and the scaler go into the checkpoint;
+        exports are saved as <Model>_<name>.pt; best_by: the history key (lower is better) whose best
+        epoch's generator is kept as <Model>_generator_best.pt."""
+        self.name = model_name
+        self.script = os.path.basename(sys.argv[0])
+        self.config = config
+        self.dir = config['results_dir']
+        self.models = models
+        self.optimizers = optimizers
+        self.scaler = scaler
+        self.exports = exports
+        self.best_by = best_by
+        self.history = []
+        self.fixed = {}
+        self.saved_epoch = 0  # the epoch checkpoint.pt holds: what an interruption keeps
+        self.checkpoint_path = os.path.join(self.dir, 'checkpoint.pt')
+        self.lock = None
+        if writes_files():
+            make_folder(self.dir)
+            self.lock = lock_folder(self.dir)  # open until the process ends, and the lock with it
+
+    def path(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    def start(self, make_fixed_inputs):
+        """The first epoch to train: 1, or the one after the checkpoint's when resuming.
+
+        The fixed inputs are drawn even when resuming: their shapes are what the checkpoint's must have
+        (quality_samples sets one), and the random state restored afterwards makes the draw harmless.
+        Called once the models are made, from the same seed in every process, so all start alike; from
+        here each process of a torchrun draws its own noise (rank 0 the stream a single process draws).
+        """
+        if rank():
+            torch.manual_seed(hash((self.config['seed'], rank())))
+        self.fixed = make_fixed_inputs()
+        if self.config['resume'] and os.path.exists(self.checkpoint_path):
+            return self._restore()
+        return 1
+
+    def _restore(self):
+        afresh = "delete it or pass --resume=false to start afresh, or pass another --results_dir"
+        state = load_torch(self.checkpoint_path, afresh)
+        keys = {'epoch', 'config', 'history', 'fixed', 'models', 'optimizers', 'rng'}
+        if not isinstance(state, dict) or not keys <= state.keys() or not is_state_dict(state['fixed']):
+            fail(f"{self.checkpoint_path} is damaged: it is not a checkpoint of these scripts; {afresh}")
+        made_by = state.get('model', self.name)  # checkpoints from before the model was recorded: try them
+        if made_by != self.name:
+            script = state.get('script', 'another script')
+            fail(f"{self.checkpoint_path} is a checkpoint of {made_by} (made by {script}), not of {self.name}; "
+                 f"pass another --results_dir")
+        changed = [f"{k}={state['config'].get(k)!r} (now {v!r})" for k, v in self.config.items()
+                   if k not in self.RUN_CONTROL and state['config'].get(k) != v]
+        misfit = (f"{self.checkpoint_path} was made with other constants: {', '.join(changed)}; pass those, use "
+                  f"another --results_dir, or --resume=false to start afresh" if changed else
+                  f"{self.checkpoint_path} does not fit the models of this {self.script} (an older version made it?); "
+                  f"{afresh}")
+        shapes = {name: tuple(tensor.shape) for name, tensor in self.fixed.items()}
+        if {name: tuple(tensor.shape) for name, tensor in state['fixed'].items()} != shapes:
+            fail(misfit)
+        try:
+            for name, model in self.models.items():
+                model.load_state_dict(state['models'][name])
+            for name, optimizer in self.optimizers.items():
+                optimizer.load_state_dict(state['optimizers'][name])
+        except (RuntimeError, ValueError, KeyError):
+            fail(misfit)
+        if self.scaler is not None and state.get('scaler'):  # empty where the run was not fp16
+            self.scaler.load_state_dict(state['scaler'])
+        self.history = state['history']
+        self.fixed = state['fixed']
+        self.saved_epoch = epoch = state['epoch']
+        streams = state['rng']  # one per process of the run that saved it
+        if len(streams) == world_size():
+            torch.set_rng_state(streams[rank()]['cpu'])
+            if torch.cuda.is_available() and streams[rank()]['cuda'] is not None:
+                torch.cuda.set_rng_state(streams[rank()]['cuda'])
+        else:
+            torch.manual_seed(hash((self.config['seed'], rank(), epoch)))
+            print(f"{self.checkpoint_path} was saved by {len(streams)} process(es) and this run has {world_size()}: "
+                  f"it resumes with new random streams, so its noise differs from an uninterrupted run's")
+        if epoch >= self.config['train_epoch']:
+            print(f"{self.dir}: already trained {epoch} epochs; rebuilding the final outputs "
+                  f"(raise --train_epoch to train on)")
+        else:
+            print(f"{self.dir}: resuming after epoch {epoch}")
+        return epoch + 1
+
+    def end_epoch(self, epoch, scores, seconds, n_images, grids):
+        """Record a finished epoch: check it, save grids, weights, history and last the checkpoint, then
+        print its line.
+
+        scores: the epoch's named means and quality scores, e.g. {'loss_d': ..., 'fid': ...};
+        grids: {path: (images, columns)}, captioned "Epoch N"; n_images: this process's, of all processes'.
+        Under torchrun rank 0 writes while the others wait.
+        """
+        bad = [k for k, v in scores.items() if not math.isfinite(v)]
+        if bad:
+            kept = (f"the checkpoint of epoch {self.saved_epoch} is kept in {self.dir}" if self.saved_epoch else
+                    "no epoch was saved")
+            fail(f"epoch {epoch}: {', '.join(bad)} became {scores[bad[0]]}; training diverged and {kept}; "
+                 f"try a lower --lr")
+        stats = {'epoch': epoch, **scores, 'seconds': seconds, 'images_per_second': n_images * world_size() / seconds}
+        self.history.append(stats)
+        for path, (images, columns) in grids.items():
+            save_grid(images, path, columns, label=f"Epoch {epoch}")
+        for name, model in self.exports.items():
+            save_torch(model.state_dict(), self.path(f"{self.name}_{name}.pt"))
+        self._keep_if_best(epoch)
+        self.save_history()
+        state = {'epoch': epoch, 'model': self.name, 'script': self.script, 'config': self.config,
+                 'history': self.history, 'fixed': self.fixed,
+                 'models': {n: m.state_dict() for n, m in self.models.items()},
+                 'optimizers': {n: o.state_dict() for n, o in self.optimizers.items()},
+                 'scaler': self.scaler.state_dict() if self.scaler is not None else {},
+                 'rng': gather({'cpu': torch.get_rng_state(),
+                                'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None})}
+        save_torch(state, self.checkpoint_path)
+        self.saved_epoch = epoch
+        named = ''.join(f", {name}: {value:.3f}" for name, value in scores.items())
+        print(f"[{epoch}/{self.config['train_epoch']}] - ptime: {seconds:.2f}{named}, "
+              f"{stats['images_per_second']:.0f} img/s", flush=True)
+        barrier()
+
+    def best(self):
+        """The history entry of the lowest best_by score, or None where none is measured."""
+        if self.best_by is None:
+            return None
+        return min((h for h in self.history if self.best_by in h), key=lambda h: h[self.best_by], default=None)
+
+    def best_generator_path(self):
+        return self.path(f"{self.name}_generator_best.pt")
+
+    def _keep_if_best(self, epoch):
+        best = self.best()
+        if best is not None and best['epoch'] == epoch:
+            save_torch(self.exports['generator'].state_dict(), self.best_generator_path())
+
+    def save_history(self):
+        seconds = sum(h['seconds'] for h in self.history)
+        save_json({'model': self.name, 'config': self.config, 'total_seconds': seconds, 'epochs': self.history},
+                  self.path(f"{self.name}_train_hist.json"))
+
+    def fixed_grid_path(self, epoch):
+        return self.path('Fixed_results', f"{self.name}_{epoch}.png")
+
+    def random_grid_path(self, epoch):
+        return self.path('Random_results', f"{self.name}_{epoch}.png")
+
+    def finish(self):
+        """Loss plot, animation and the closing timing line, from the whole history; then the folder is free."""
+        if self.history:
+            self._final_outputs()
+        if self.lock is not None:
+            self.lock.close()  # and with the file, the lock: a run in this same process may take the folder
+
+    def _final_outputs(self):
+        plot_curves(self.history, [('loss', ['loss_d', 'loss_g'], 'linear')], self.path(f"{self.name}_train_hist.png"))
+        frames = [self.fixed_grid_path(h['epoch']) for h in self.history]
+        save_animation([p for p in frames if os.path.exists(p)], self.path(f"{self.name}_generation_animation.gif"))
+        seconds = [h['seconds'] for h in self.history]
+        print(f"Avg one epoch ptime: {sum(seconds) / len(seconds):.2f}, "
+              f"total {len(seconds)} epochs ptime: {sum(seconds):.2f}")
+        print(f"outputs in {self.dir}/")
+        best = self.best()
+        if best is not None:
+            print(f"best generator: epoch {best['epoch']}, {self.best_by} {best[self.best_by]:.2f}, "
+                  f"in {self.best_generator_path()}")
+
+    def interrupted(self, cause):
+        """Stop with one line on an interruption (see run.is_interruption): what stopped the run and what
+        checkpoint.pt really holds."""
+        if not self.saved_epoch:
+            saved = "no epoch was saved yet; run the same command again to start"
+        else:
+            saved = f"{self.checkpoint_path} holds epoch {self.saved_epoch}. Run the same command again to resume"
+        if isinstance(cause, KeyboardInterrupt):
+            fail("interrupted before the first epoch was saved; run the same command again to start"
+                 if not self.saved_epoch else f"interrupted; {saved}", 130)
+        if isinstance(cause, Stopped):
+            fail(f"stopped by SIGTERM; {saved}", 143, every_rank=True)
+        fail(f"stopped: {type(cause).__name__}: {str(cause).splitlines()[0]} (if another process of this run "
+             f"failed, its own output says why); {saved}", 1, every_rank=True)
+
