@@ -142,7 +142,20 @@ def configure(namespace, argv=None):
             where = (f"--{name}={given[name]}" if name in given else
                      f"{name} = {namespace[name]!r} in {os.path.basename(namespace['__file__'])}")
             fail(f"{where}: choose {allowed.describe()}", 2)
+    for name in names:
+        if is_path(name) and namespace[name]:
+            namespace[name] = os.path.expanduser(namespace[name])
+    if 'data_dir' in names and 'data_dir' not in given and namespace['data_dir'] \
+            and not os.path.isabs(namespace['data_dir']):  # the default: the data shipped beside the scripts
+        namespace['data_dir'] = os.path.join(os.path.dirname(os.path.abspath(namespace['__file__'])),
+                                             namespace['data_dir'])
     return {name: namespace[name] for name in names}
+
+
+def is_path(name):
+    """Whether a constant names a file or folder: its '~' stands for the user's home, as in a shell."""
+    return name.endswith('_dir') or name in ('weights', 'output')
+
 
 def constants(namespace):
     """A script's constants and their values now: what a run records and a checkpoint must match."""

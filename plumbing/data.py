@@ -1,4 +1,5 @@
 """MNIST from its IDX files, and the batches every script draws: shuffled, full, on the models' device."""
+import contextlib
 import gzip
 import math
 import os
@@ -85,10 +86,14 @@ def _download_mnist(data_dir, raw_dir):
     from torchvision.datasets import MNIST
     wanted = ', '.join(n for pair in MNIST_FILES.values() for n in pair)
     print(f"MNIST not found in {raw_dir}/; trying to download it ...", flush=True)
+    made = [folder for folder in (raw_dir, os.path.dirname(raw_dir), data_dir) if not os.path.isdir(folder)]
     try:
         MNIST(data_dir, train=True, download=True)
         MNIST(data_dir, train=False, download=True)
     except Exception as e:  # any failure of the download means the same thing to the user
+        for folder in made:  # the empty folders the downloader made, innermost first
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
         fail(f"MNIST is missing from {raw_dir}/ and could not be downloaded ({type(e).__name__}); "
              f"put the four IDX files there (gzipped or not): {wanted}")
 

@@ -116,6 +116,8 @@ def generator_weights(results_dir, model_name, generate_from):
     last = os.path.join(results_dir, f"{model_name}_generator.pt")
     if generate_from == 'best' and os.path.exists(last):
         print(f"no {best} (quality was not measured); sampling from the last generator")
+    if generate_from == 'last' and not os.path.exists(last) and os.path.exists(best):
+        fail(f"no {last}, the last epoch's generator; {best} is there: pass --generate_from=best to sample from it")
     return last
 
 

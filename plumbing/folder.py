@@ -2,11 +2,12 @@
 the history, the best generator, the final outputs, and the one line an interruption ends with."""
 import math
 import os
+import re
 import sys
 
 import torch
 
-from plumbing.files import is_state_dict, load_torch, lock_folder, make_folder, save_json, save_torch
+from plumbing.files import is_state_dict, load_torch, lock_folder, make_folder, output_failed, save_json, save_torch
 from plumbing.images import plot_curves, save_animation, save_grid
 from plumbing.interrupts import Stopped
 from plumbing.machine import barrier, fail, gather, rank, world_size, writes_files
@@ -21,8 +22,11 @@ class RunFolder:
     made it), each replaced atomically so a kill at any moment leaves the last complete epoch; only
     then the epoch's line is printed, so a printed epoch is a saved one.
     """
-    RUN_CONTROL = {'train_epoch', 'resume', 'generate', 'device', 'results_dir', 'data_dir', 'train_limit',
-                   'precision', 'channels_last', 'compile'}
+    # What a resume may change: how long to train and how the run is carried out. Every other constant
+    # defines the experiment and must match the checkpoint's (quality_samples too: it sets the fixed inputs).
+    MAY_CHANGE_ON_RESUME = {'train_epoch', 'data_dir', 'results_dir', 'train_limit', 'resume', 'device',
+                            'precision', 'channels_last', 'sync_batchnorm', 'compile', 'collapse_factor',
+                            'stop_on_collapse', 'generate', 'generate_from'}
 
     def __init__(self, model_name, config, models, optimizers, exports, scaler=None, best_by=None):
         """config: the script's constants; models, optimizers and the scaler go into the checkpoint;
@@ -38,6 +42,7 @@ class RunFolder:
         self.exports = exports
         self.best_by = best_by
         self.history = []
+        self.config_changes = []  # [{'epoch': the first trained with them, name: [before, now], ...}, ...]
         self.fixed = {}
         self.saved_epoch = 0  # the epoch checkpoint.pt holds: what an interruption keeps
         self.checkpoint_path = os.path.join(self.dir, 'checkpoint.pt')
@@ -62,7 +67,28 @@ class RunFolder:
         self.fixed = make_fixed_inputs()
         if self.config['resume'] and os.path.exists(self.checkpoint_path):
             return self._restore()
+        if writes_files():
+            self._remove_earlier_outputs()
         return 1
+
+    def _remove_earlier_outputs(self):
+        """Starting afresh: the outputs an earlier run of this model left here would pass for this run's
+        (its best generator, say, until this run saves one), so they go; nothing else in the folder does."""
+        names = [f"{self.name}_{kind}" for kind in ('generator.pt', 'discriminator.pt', 'generator_best.pt',
+                                                    'train_hist.json', 'train_hist.png', 'quality.png',
+                                                    'generation_animation.gif', 'generated.png', 'morp.png')]
+        earlier = [self.path(name) for name in ['checkpoint.pt', *names] if os.path.isfile(self.path(name))]
+        grid = re.compile(rf'{re.escape(self.name)}_\d+\.png$')
+        for grids in ('Fixed_results', 'Random_results'):
+            if os.path.isdir(self.path(grids)):
+                earlier += [self.path(grids, name) for name in os.listdir(self.path(grids)) if grid.match(name)]
+        for path in earlier:
+            try:
+                os.remove(path)
+            except OSError as e:
+                output_failed(path, e, 'remove')
+        if earlier:
+            print(f"{self.dir}: starting afresh; removed the {len(earlier)} outputs of an earlier run of {self.name}")
 
     def _restore(self):
         afresh = "delete it or pass --resume=false to start afresh, or pass another --results_dir"
@@ -75,12 +101,15 @@ class RunFolder:
             script = state.get('script', 'another script')
             fail(f"{self.checkpoint_path} is a checkpoint of {made_by} (made by {script}), not of {self.name}; "
                  f"pass another --results_dir")
-        changed = [f"{k}={state['config'].get(k)!r} (now {v!r})" for k, v in self.config.items()
-                   if k not in self.RUN_CONTROL and state['config'].get(k) != v]
-        misfit = (f"{self.checkpoint_path} was made with other constants: {', '.join(changed)}; pass those, use "
-                  f"another --results_dir, or --resume=false to start afresh" if changed else
-                  f"{self.checkpoint_path} does not fit the models of this {self.script} (an older version made it?); "
-                  f"{afresh}")
+        saved = state['config']  # a constant newer than the checkpoint is taken as unchanged
+        differing = {k: [saved[k], v] for k, v in self.config.items() if k in saved and saved[k] != v}
+        changed = [f"{k}={before!r} (now {now!r})" for k, (before, now) in differing.items()
+                   if k not in self.MAY_CHANGE_ON_RESUME]
+        if changed:
+            fail(f"{self.checkpoint_path} was made with other constants: {', '.join(changed)}; pass those, use "
+                 f"another --results_dir, or --resume=false to start afresh")
+        misfit = (f"{self.checkpoint_path} does not fit the models of this {self.script} (an older version made "
+                  f"it?); {afresh}")
         shapes = {name: tuple(tensor.shape) for name, tensor in self.fixed.items()}
         if {name: tuple(tensor.shape) for name, tensor in state['fixed'].items()} != shapes:
             fail(misfit)
@@ -96,6 +125,9 @@ class RunFolder:
         self.history = state['history']
         self.fixed = state['fixed']
         self.saved_epoch = epoch = state['epoch']
+        self.config_changes = state.get('config_changes', [])
+        if differing:
+            self.config_changes.append({'epoch': epoch + 1, **differing})
         streams = state['rng']  # one per process of the run that saved it
         if len(streams) == world_size():
             torch.set_rng_state(streams[rank()]['cpu'])
@@ -135,7 +167,7 @@ class RunFolder:
         self._keep_if_best(epoch)
         self.save_history()
         state = {'epoch': epoch, 'model': self.name, 'script': self.script, 'config': self.config,
-                 'history': self.history, 'fixed': self.fixed,
+                 'config_changes': self.config_changes, 'history': self.history, 'fixed': self.fixed,
                  'models': {n: m.state_dict() for n, m in self.models.items()},
                  'optimizers': {n: o.state_dict() for n, o in self.optimizers.items()},
                  'scaler': self.scaler.state_dict() if self.scaler is not None else {},
@@ -164,8 +196,8 @@ class RunFolder:
 
     def save_history(self):
         seconds = sum(h['seconds'] for h in self.history)
-        save_json({'model': self.name, 'config': self.config, 'total_seconds': seconds, 'epochs': self.history},
-                  self.path(f"{self.name}_train_hist.json"))
+        save_json({'model': self.name, 'config': self.config, 'config_changes': self.config_changes,
+                   'total_seconds': seconds, 'epochs': self.history}, self.path(f"{self.name}_train_hist.json"))
 
     def fixed_grid_path(self, epoch):
         return self.path('Fixed_results', f"{self.name}_{epoch}.png")
@@ -182,8 +214,12 @@ class RunFolder:
 
     def _final_outputs(self):
         plot_curves(self.history, [('loss', ['loss_d', 'loss_g'], 'linear')], self.path(f"{self.name}_train_hist.png"))
-        frames = [self.fixed_grid_path(h['epoch']) for h in self.history]
-        save_animation([p for p in frames if os.path.exists(p)], self.path(f"{self.name}_generation_animation.gif"))
+        frames = [path for path in map(self.fixed_grid_path, (h['epoch'] for h in self.history))
+                  if os.path.exists(path)]
+        if frames:
+            save_animation(frames, self.path(f"{self.name}_generation_animation.gif"))
+        else:
+            print(f"no grids in {self.path('Fixed_results')}/: the animation is left as it was")
         seconds = [h['seconds'] for h in self.history]
         print(f"Avg one epoch ptime: {sum(seconds) / len(seconds):.2f}, "
               f"total {len(seconds)} epochs ptime: {sum(seconds):.2f}")
@@ -196,10 +232,12 @@ class RunFolder:
     def interrupted(self, cause):
         """Stop with one line on an interruption (see run.is_interruption): what stopped the run and what
         checkpoint.pt really holds."""
+        again = ("Run the same command again to resume" if self.config.get('resume', True) else
+                 "Run the command again without --resume=false to resume (with it, the run starts afresh)")
         if not self.saved_epoch:
             saved = "no epoch was saved yet; run the same command again to start"
         else:
-            saved = f"{self.checkpoint_path} holds epoch {self.saved_epoch}. Run the same command again to resume"
+            saved = f"{self.checkpoint_path} holds epoch {self.saved_epoch}. {again}"
         if isinstance(cause, KeyboardInterrupt):
             fail("interrupted before the first epoch was saved; run the same command again to start"
                  if not self.saved_epoch else f"interrupted; {saved}", 130)

@@ -3,6 +3,7 @@
 keeps (the moving average of G, the epoch means, the collapse report)."""
 import math
 import os
+import sys
 import time
 
 import torch
@@ -22,6 +23,7 @@ def main(namespace, train, generate_samples):
     """The whole __main__ block of a training script: apply the command line's overrides to the script's
     constants (namespace, its globals()), join torchrun's processes if it started them, seed, then
     train(run), or generate_samples(run) for --generate."""
+    keep_training_without_stdout()
     config = configure(namespace)
     if 0 < config['train_limit'] < config['batch_size']:
         fail(f"--train_limit={config['train_limit']} is less than one batch of {config['batch_size']}; "
@@ -36,6 +38,39 @@ def main(namespace, train, generate_samples):
     else:
         with Run(namespace, world) as run:
             train(run)
+
+
+class _LosableStdout:
+    """sys.stdout that, once its reader has gone (`python mnist_gan.py | head -1`), sends what follows
+    to os.devnull instead of raising BrokenPipeError: losing the output must not stop a training."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._lost()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._lost()
+
+    def _lost(self):
+        # Onto the descriptor itself, so the interpreter's last flush at exit finds a file that takes it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def keep_training_without_stdout():
+    if not isinstance(sys.stdout, _LosableStdout):
+        sys.stdout = _LosableStdout(sys.stdout)
 
 
 def model_name(namespace):
@@ -120,6 +155,9 @@ class Run:
     def epochs(self, learning_rate):
         """The epochs left to train. Before each, both optimizers take learning_rate(epoch); after each, a
         collapse stops training where stop_on_collapse asks for it."""
+        resumed_after_a_stop = 1 < self.first_epoch <= self.config['train_epoch'] and self.config['stop_on_collapse']
+        if resumed_after_a_stop and self.collapse.stops(self.folder):
+            return  # the last epoch saved collapsed, and stop_on_collapse stopped the run there
         for epoch in range(self.first_epoch, self.config['train_epoch'] + 1):
             for optimizer in self.optimizers:
                 for group in optimizer.param_groups:
