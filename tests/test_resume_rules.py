@@ -112,7 +112,7 @@ def test_a_finished_run_without_its_grids_rebuilds_what_it_can(work, script_serv
     shutil.rmtree(work / 'out' / 'Fixed_results')
     result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 1), work)
     assert result['status'] == 0, result['stderr']
-    assert f"no grids in out/Fixed_results/: the animation is left as it was" in result['stdout']
+    assert "no grids in out/Fixed_results/: the animation is left as it was" in result['stdout']
     assert (work / 'out' / 'MNIST_GAN_train_hist.png').exists()
 
 
