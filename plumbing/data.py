@@ -36,6 +36,8 @@ def read_idx(path):
     if len(data) - header != math.prod(shape):
         raise ValueError(f"its header announces {math.prod(shape):,} bytes of data but it holds "
                          f"{len(data) - header:,}: it is truncated or damaged")
+    if not math.prod(shape):  # a header that announces no data: torch.frombuffer refuses an empty buffer
+        return torch.zeros(shape, dtype=torch.uint8)
     return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(shape)
 
 
@@ -66,6 +68,8 @@ def load_mnist(data_dir, train=True):
         fail(f"{label_path} does not hold digit labels 0-9; {_REPLACE}")
     if images.shape[0] != labels.shape[0]:
         fail(f"{image_path} holds {images.shape[0]} images but {label_path} {labels.shape[0]} labels; {_REPLACE}")
+    if images.shape[0] < 2:  # one image has no spread: no fid, and no BatchNorm, can use it
+        fail(f"{image_path} holds {images.shape[0]} image(s), too few to train or measure with; {_REPLACE}")
     return images, labels.long()
 
 

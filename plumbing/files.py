@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import warnings
+import zipfile
 
 import torch
 
@@ -88,17 +89,28 @@ def output_failed(path, error, action='write'):
 
 def load_torch(path, remedy):
     """What torch.save wrote to path, read as weights only, so no code in the file runs. A file that cannot
-    be read that way is damaged (or no file of weights) and stops the script with one line ending in
-    remedy: torch's advice to retry with weights_only=False would run whatever code the file holds."""
+    be read that way, or whose checksums do not match, is damaged and stops the script with one line
+    ending in remedy: torch's advice to retry with weights_only=False would run whatever code it holds.
+
+    torch.save writes a zip archive with a CRC-32 of every record, and torch.load does not check them:
+    a few flipped bytes in a tensor load as wrong weights. Every record's CRC is checked here first.
+    """
     try:
         f = open(path, 'rb')
     except OSError as e:  # no permission, say: the file itself may be fine
         fail(f"cannot read {path} ({e.strerror or e}); {remedy}")
     with f, warnings.catch_warnings():
+        try:
+            damaged = zipfile.ZipFile(f).testzip()
+        except (zipfile.BadZipFile, EOFError, OSError) as e:
+            damaged = str(e) or 'its archive'
+        if damaged is not None:
+            fail(f"{path} is damaged: its checksums do not match ({damaged}); {remedy}")
+        f.seek(0)
         warnings.simplefilter('ignore')  # torch warns of a pickle protocol before refusing the file anyway
         try:
             return torch.load(f, map_location='cpu', weights_only=True)
-        except Exception:  # whatever a truncated or garbled file makes the reader raise, it means the same
+        except Exception:  # whatever a garbled file makes the reader raise, it means the same
             fail(f"{path} is damaged: it cannot be read as a file of weights; {remedy}")
 
 

@@ -45,6 +45,7 @@ class RunFolder:
         self.config_changes = []  # [{'epoch': the first trained with them, name: [before, now], ...}, ...]
         self.fixed = {}
         self.saved_epoch = 0  # the epoch checkpoint.pt holds: what an interruption keeps
+        self.resuming = False  # while the checkpoint loads: an interruption leaves it as it was
         self.checkpoint_path = os.path.join(self.dir, 'checkpoint.pt')
         self.lock = None
         if writes_files():
@@ -66,7 +67,10 @@ class RunFolder:
             torch.manual_seed(hash((self.config['seed'], rank())))
         self.fixed = make_fixed_inputs()
         if self.config['resume'] and os.path.exists(self.checkpoint_path):
-            return self._restore()
+            self.resuming = True
+            first_epoch = self._restore()
+            self.resuming = False
+            return first_epoch
         if writes_files():
             self._remove_earlier_outputs()
         return 1
@@ -234,13 +238,15 @@ class RunFolder:
         checkpoint.pt really holds."""
         again = ("Run the same command again to resume" if self.config.get('resume', True) else
                  "Run the command again without --resume=false to resume (with it, the run starts afresh)")
-        if not self.saved_epoch:
+        if self.resuming:
+            saved = f"it was resuming, and {self.checkpoint_path} is as it was. {again}"
+        elif not self.saved_epoch:
             saved = "no epoch was saved yet; run the same command again to start"
         else:
             saved = f"{self.checkpoint_path} holds epoch {self.saved_epoch}. {again}"
         if isinstance(cause, KeyboardInterrupt):
             fail("interrupted before the first epoch was saved; run the same command again to start"
-                 if not self.saved_epoch else f"interrupted; {saved}", 130)
+                 if not (self.saved_epoch or self.resuming) else f"interrupted; {saved}", 130)
         if isinstance(cause, Stopped):
             fail(f"stopped by SIGTERM; {saved}", 143, every_rank=True)
         fail(f"stopped: {type(cause).__name__}: {str(cause).splitlines()[0]} (if another process of this run "

@@ -6,8 +6,11 @@ import os
 import sys
 
 
-class Stopped(Exception):
-    """SIGTERM: a job scheduler stopping the run, or torchrun stopping it after another process failed."""
+class Stopped(BaseException):
+    """SIGTERM: a job scheduler stopping the run, or torchrun stopping it after another process failed.
+
+    A BaseException, like KeyboardInterrupt, so that no `except Exception` (around a decoder, a loader)
+    takes it for a damaged file."""
 
 
 def raise_stopped(signum, frame):

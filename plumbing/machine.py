@@ -180,6 +180,24 @@ def gather(obj):
     return objects
 
 
+def check_torchrun_environment():
+    """WORLD_SIZE, once RANK, WORLD_SIZE and LOCAL_RANK are known to describe a run torchrun started; one
+    line (from every process: each may be alone) where they cannot, as when a cluster's pod left them set."""
+    one = "or unset RANK, WORLD_SIZE and LOCAL_RANK to run one process"
+    given = {name: os.environ[name] for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK') if name in os.environ}
+    for name, text in given.items():
+        if not text.isdigit():
+            fail(f"{name}={text!r} is not a process number: start the script with torchrun, {one}", 2, every_rank=True)
+    size, rank_here = int(given.get('WORLD_SIZE', 1)), int(given.get('RANK', 0))
+    if not 0 <= rank_here < size:
+        fail(f"RANK={rank_here} does not fit WORLD_SIZE={size}: start the script with torchrun, {one}", 2,
+             every_rank=True)
+    if size > 1 and not {'MASTER_ADDR', 'MASTER_PORT'} <= os.environ.keys():
+        fail(f"WORLD_SIZE={size} is set, but not MASTER_ADDR and MASTER_PORT: start the script with torchrun "
+             f"(python -m torch.distributed.run --nproc_per_node={size} ...), {one}", 2, every_rank=True)
+    return size
+
+
 class World:
     """This process's place among the processes torchrun started (RANK, WORLD_SIZE, LOCAL_RANK), or a world
     of one process when started with python.
@@ -190,7 +208,7 @@ class World:
     """
 
     def __init__(self, device_choice, batch_size, generate=0, sync_batchnorm=False):
-        self.size = int(os.environ.get('WORLD_SIZE', 1))
+        self.size = check_torchrun_environment()
         self.sync_batchnorm = sync_batchnorm
         signal.signal(signal.SIGTERM, raise_stopped)
         if self.size == 1:
@@ -204,6 +222,9 @@ class World:
         if batch_size % self.size:
             fail(f"batch_size={batch_size} does not split over {self.size} processes: use a number of processes "
                  f"that divides it, or another --batch_size", 2)
+        if batch_size // self.size < 2:
+            fail(f"batch_size={batch_size} over {self.size} processes leaves each one image a step, and BatchNorm "
+                 f"needs 2 at least: pass --batch_size={2 * self.size} or more, or start fewer processes", 2)
         if self.device.type not in ('cuda', 'cpu'):
             fail(f"--device={device_choice}: torchrun runs on CUDA GPUs (NCCL) or CPUs (gloo); use cuda or cpu", 2)
         if sync_batchnorm and self.device.type != 'cuda':

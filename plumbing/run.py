@@ -3,6 +3,7 @@
 keeps (the moving average of G, the epoch means, the collapse report)."""
 import math
 import os
+import re
 import sys
 import time
 
@@ -84,6 +85,13 @@ def is_interruption(error):
     return isinstance(error, (KeyboardInterrupt, Stopped)) or failed_collective(error)
 
 
+def is_out_of_memory(error):
+    """Memory running out: CUDA's allocator, the CPU's (whose error is a RuntimeError naming it), or
+    oneDNN failing to make a bf16 kernel for a batch too large for memory."""
+    return isinstance(error, (MemoryError, torch.cuda.OutOfMemoryError)) or isinstance(error, RuntimeError) and any(
+        sign in str(error) for sign in ("can't allocate memory", "could not create a primitive"))
+
+
 class Run:
     """One run of a training script, made by main() from the script's constants.
 
@@ -112,18 +120,35 @@ class Run:
         return self
 
     def __exit__(self, kind, error, traceback):
-        if self.folder is None:  # stopped before the run began: a Ctrl-C is the start-up hook's one line
-            return False
-        if error is None:
+        if error is None and self.folder is not None:
             try:
                 self.folder.finish()
-            except (KeyboardInterrupt, Stopped, RuntimeError) as late:
-                if not is_interruption(late):
-                    raise
-                error = late
-        if is_interruption(error):
-            self.folder.interrupted(error)
+            except BaseException as late:
+                self._stop_with_one_line(late)
+                raise
+        elif error is not None:
+            self._stop_with_one_line(error)
         return False
+
+    def _stop_with_one_line(self, error):
+        """Stop with one line where error is the user's situation, not a bug: memory running out, or (once
+        the run has its folder) an interruption. Before that, a Ctrl-C is the start-up hook's one line."""
+        if is_out_of_memory(error):
+            self._out_of_memory(error)
+        if self.folder is not None and is_interruption(error):
+            self.folder.interrupted(error)
+
+    def _out_of_memory(self, error):
+        config, saved = self.config, self.folder.saved_epoch if self.folder is not None else 0
+        smaller = f"--batch_size (now {config['batch_size']})" + (f" or --d (now {config['d']})" if 'd' in config else '')
+        asked = re.search(r'[Tt]ried to allocate (\S+ \w+)', str(error))
+        cause = f"it tried to allocate {asked.group(1)} more" if asked else type(error).__name__
+        if saved:
+            fail(f"out of memory on {self.device} ({cause}); {self.folder.checkpoint_path} holds epoch {saved}: "
+                 f"free some memory and run the same command again to resume, or lower {smaller} with "
+                 f"--resume=false to start afresh", every_rank=True)
+        fail(f"out of memory on {self.device} ({cause}); lower {smaller}, or free some memory, and run again",
+             every_rank=True)
 
     # ------------------------------------------------ training
 
@@ -144,8 +169,8 @@ class Run:
                            optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=self.scaler,
                            exports={'generator': G_ema.module, 'discriminator': D},
                            best_by='fid' if config.get('quality_samples') else None)
+        self.folder = folder  # from here an interruption is the folder's to explain
         self.first_epoch = folder.start(lambda: fixed_inputs(self.device))
-        self.folder = folder
         self.optimizers = (opt_G, opt_D)
         self.collapse = CollapseCheck(config['label_smoothing'], config['stop_on_collapse'],
                                       config.get('collapse_factor'))

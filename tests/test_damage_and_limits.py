@@ -1,0 +1,158 @@
+"""Damage and limits (issue #19): checksums of what the scripts read back, SIGTERM and Ctrl-C while a
+checkpoint loads, too few MNIST images, memory running out, and torchrun's variables without torchrun."""
+import gzip
+import os
+import resource
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import OFFLINE, REPO, copy_results, folder_state, write_idx
+from plumbing import files
+from plumbing.folder import RunFolder
+from plumbing.interrupts import Stopped
+from plumbing.run import Run
+from test_hardening import assert_refused, tiny
+
+ENV = {**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+
+
+@pytest.fixture(scope='module')
+def trained(script_server, mnist_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp('damage')
+    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 1), work)
+    assert result['status'] == 0, result['stderr']
+    return work
+
+
+@pytest.fixture
+def work(trained, tmp_path):
+    copy_results(trained, tmp_path / 'work')
+    return tmp_path / 'work'
+
+
+def damage(path, offset, data):
+    content = bytearray(path.read_bytes())
+    content[offset:offset + len(data)] = data
+    path.unlink()  # replaced, not written in place: the copy shares its files with the trained folder
+    path.write_bytes(bytes(content))
+
+
+def test_flipped_bytes_in_the_weights_are_found_before_sampling(work, script_server, mnist_dir):
+    best = work / 'out' / 'MNIST_GAN_generator_best.pt'
+    damage(best, best.stat().st_size // 2, bytes(64))
+    result = script_server('mnist_gan.py', [*tiny(mnist_dir, 'out', 1), '--generate=4'], work)
+    assert result['status'] == 1
+    assert result['stderr'].startswith('error: out/MNIST_GAN_generator_best.pt is damaged: its checksums do not match')
+    assert result['stderr'].count('\n') == 1 and not (work / 'out' / 'MNIST_GAN_generated.png').exists()
+
+
+def test_an_overwritten_stretch_of_the_checkpoint_is_found_before_resuming(work, script_server, mnist_dir):
+    checkpoint = work / 'out' / 'checkpoint.pt'
+    damage(checkpoint, checkpoint.stat().st_size // 3, os.urandom(4096))
+    before = folder_state(work)
+    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 2), work)
+    assert result['status'] == 1 and 'Traceback' not in result['stderr']
+    assert result['stderr'].startswith('error: out/checkpoint.pt is damaged:') and result['stderr'].count('\n') == 1
+    assert folder_state(work) == before
+
+
+def test_a_sigterm_while_a_file_loads_is_no_damage(tmp_path, monkeypatch):
+    path = tmp_path / 'weights.pt'
+    torch.save({'w': torch.ones(3)}, path)
+
+    def stopped(*args, **kwargs):
+        raise Stopped()
+    monkeypatch.setattr(torch, 'load', stopped)
+    with pytest.raises(Stopped):
+        files.load_torch(path, 'retrain')
+
+
+def test_an_interruption_while_resuming_says_the_checkpoint_is_as_it_was(tmp_path, capsys):
+    run = RunFolder('M', {'results_dir': str(tmp_path), 'resume': True}, models={}, optimizers={}, exports={})
+    run.resuming = True
+    with pytest.raises(SystemExit) as stop:
+        run.interrupted(KeyboardInterrupt())
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == (f'error: interrupted; it was resuming, and {tmp_path}/checkpoint.pt is as it '
+                                       f'was. Run the same command again to resume\n')
+
+
+@pytest.mark.parametrize('count', [0, 1])
+def test_an_mnist_file_of_too_few_images_is_one_line_before_training(mnist_dir, tmp_path, script_server, count):
+    data = tmp_path / 'data'
+    shutil.copytree(mnist_dir, data)
+    raw = data / 'MNIST' / 'raw'
+    images, labels = torch.zeros(count, 28, 28, dtype=torch.uint8), torch.zeros(count, dtype=torch.uint8)
+    write_idx(raw / 't10k-images-idx3-ubyte.gz', images)
+    write_idx(raw / 't10k-labels-idx1-ubyte.gz', labels)
+    assert_refused(script_server('mnist_gan.py', tiny(data, 'out', 1), tmp_path), 1,
+                   f'{raw}/t10k-images-idx3-ubyte.gz holds {count} image(s), too few to train or measure with; '
+                   f'replace it with a good copy, or delete it to download MNIST again')
+    assert not (tmp_path / 'out' / 'checkpoint.pt').exists()
+
+
+class FakeRun(Run):
+    def __init__(self, config, folder=None):
+        self.config, self.folder, self.device = config, folder, torch.device('cpu')
+
+
+@pytest.mark.parametrize('error, cause', [
+    (RuntimeError('[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can\'t allocate memory: you '
+                  'tried to allocate 536870912 bytes. Error code 12 (Cannot allocate memory)'),
+     'it tried to allocate 536870912 bytes more'),
+    (torch.cuda.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 MiB (GPU 0; 7.79 GiB total)'),
+     'it tried to allocate 20.00 MiB more'),
+    (MemoryError(), 'MemoryError')])
+def test_running_out_of_memory_is_one_line_saying_what_to_lower(tmp_path, capsys, error, cause):
+    with pytest.raises(SystemExit) as stop:
+        FakeRun({'batch_size': 512, 'd': 64})._stop_with_one_line(error)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == (f'error: out of memory on cpu ({cause}); lower --batch_size (now 512) or --d '
+                                       f'(now 64), or free some memory, and run again\n')
+    folder = RunFolder('M', {'results_dir': str(tmp_path), 'resume': True}, models={}, optimizers={}, exports={})
+    folder.saved_epoch = 2
+    with pytest.raises(SystemExit):
+        FakeRun({'batch_size': 512}, folder)._stop_with_one_line(error)
+    assert capsys.readouterr().err == (f'error: out of memory on cpu ({cause}); {tmp_path}/checkpoint.pt holds epoch '
+                                       f'2: free some memory and run the same command again to resume, or lower '
+                                       f'--batch_size (now 512) with --resume=false to start afresh\n')
+
+
+def test_a_bug_is_no_memory_trouble_and_keeps_its_traceback(capsys):
+    FakeRun({'batch_size': 512})._stop_with_one_line(RuntimeError('mat1 and mat2 shapes cannot be multiplied'))
+    assert capsys.readouterr().err == ''  # nothing said: the caller re-raises it whole
+
+
+def test_a_run_out_of_memory_stops_with_one_line(mnist_dir, tmp_path):
+    limit = 3 * 2 ** 30  # address space: torch loads within it, a 512-image batch at d = 128 does not fit
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    probe = subprocess.run([sys.executable, '-c', 'import torch'], preexec_fn=limited, env=ENV, capture_output=True)
+    if probe.returncode:
+        pytest.skip('torch does not load within the limit here')
+    done = subprocess.run([sys.executable, str(REPO / 'mnist_dcgan.py'), f'--data_dir={mnist_dir}', '--results_dir=out',
+                           '--train_epoch=1', '--batch_size=512', '--quality_samples=0', '--precision=fp32'],
+                          cwd=tmp_path, preexec_fn=limited, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith('error: out of memory on cpu (') and done.stderr.count('\n') == 1
+    assert 'lower --batch_size (now 512) or --d (now 128), or free some memory, and run again' in done.stderr
+
+
+@pytest.mark.parametrize('variables, line', [
+    ({'WORLD_SIZE': '2', 'RANK': '1'}, 'WORLD_SIZE=2 is set, but not MASTER_ADDR and MASTER_PORT: start the script '
+     'with torchrun (python -m torch.distributed.run --nproc_per_node=2 ...), or unset RANK, WORLD_SIZE and '
+     'LOCAL_RANK to run one process'),
+    ({'RANK': '1'}, 'RANK=1 does not fit WORLD_SIZE=1: start the script with torchrun, or unset RANK, WORLD_SIZE and '
+     'LOCAL_RANK to run one process'),
+    ({'WORLD_SIZE': 'two'}, "WORLD_SIZE='two' is not a process number: start the script with torchrun, or unset "
+     "RANK, WORLD_SIZE and LOCAL_RANK to run one process")])
+def test_torchrun_s_variables_left_set_without_torchrun_are_one_line(mnist_dir, tmp_path, variables, line):
+    done = subprocess.run([sys.executable, str(REPO / 'mnist_gan.py'), *tiny(mnist_dir, 'out', 1)], cwd=tmp_path,
+                          env={**ENV, **variables}, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, f'error: {line}\n')
+    assert not (tmp_path / 'out').exists()
