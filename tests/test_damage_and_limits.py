@@ -1,6 +1,5 @@
 """Damage and limits (issue #19): checksums of what the scripts read back, SIGTERM and Ctrl-C while a
 checkpoint loads, too few MNIST images, memory running out, and torchrun's variables without torchrun."""
-import gzip
 import os
 import resource
 import shutil
