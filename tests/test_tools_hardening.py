@@ -1,0 +1,126 @@
+"""The tools beside the experiments (issue #19): mnist_classifier.py keeps the shipped yardstick unless asked,
+and refuses bad values and unwritable outputs with one line, before any work.
+
+Every run here stops at once or trains a few steps on a tiny fake MNIST, through the script server.
+"""
+import hashlib
+import inspect
+
+import pytest
+import torch
+
+import mnist_classifier
+from conftest import REPO, fake_digits, folder_state, write_mnist
+from mnist_classifier import DEFAULT_WEIGHTS, RETRAINED_WEIGHTS, MnistQuality, weights_digest
+
+def assert_refused(result, status, line):
+    """The run stopped with this status and exactly this one line on stderr, having printed nothing else."""
+    assert (result['status'], result['stderr'], result['stdout']) == (status, f'error: {line}\n', '')
+
+
+@pytest.fixture(scope='module')
+def tiny_mnist(tmp_path_factory):
+    """64 training and 32 test images: a batch of 16 trains 4 steps an epoch."""
+    return write_mnist(tmp_path_factory.mktemp('tiny') / 'data', fake_digits, 64, 32)
+
+
+def train_args(data, weights, *extra):
+    return [f'--data_dir={data}', f'--weights={weights}', '--train_epoch=1', '--batch_size=16', '--device=cpu',
+            *extra]
+
+
+# ---------------------------------------------------------------- 2. the shipped classifier stays
+
+def test_retraining_writes_beside_the_shipped_weights_and_scoring_reads_the_shipped_ones():
+    assert mnist_classifier.weights == RETRAINED_WEIGHTS != DEFAULT_WEIGHTS
+    assert RETRAINED_WEIGHTS == str(REPO / 'mnist_classifier_retrained.pt')
+    assert inspect.signature(MnistQuality).parameters['weights'].default == DEFAULT_WEIGHTS
+    assert DEFAULT_WEIGHTS == str(REPO / 'mnist_classifier.pt')
+
+
+def test_training_onto_the_shipped_weights_is_refused_before_training(script_server, tiny_mnist, tmp_path):
+    before = weights_digest(DEFAULT_WEIGHTS)
+    result = script_server('mnist_classifier.py', train_args(tiny_mnist, DEFAULT_WEIGHTS), tmp_path)
+    assert_refused(result, 2, f"--weights={DEFAULT_WEIGHTS} is the shipped classifier that scores every MNIST run; "
+                              f"pass another --weights (without one it writes {RETRAINED_WEIGHTS}), "
+                              f"or add --overwrite=True to replace it")
+    assert weights_digest(DEFAULT_WEIGHTS) == before
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_file_is_replaced_only_with_overwrite(script_server, tiny_mnist, tmp_path):
+    old = tmp_path / 'old.pt'
+    old.write_bytes(b'weights of an earlier run')
+    refused = script_server('mnist_classifier.py', train_args(tiny_mnist, 'old.pt'), tmp_path)
+    assert_refused(refused, 2, "--weights=old.pt exists; add --overwrite=True to replace it, or pass another --weights")
+    assert old.read_bytes() == b'weights of an earlier run'
+
+    replaced = script_server('mnist_classifier.py', train_args(tiny_mnist, 'old.pt', '--overwrite=True'), tmp_path)
+    assert replaced['status'] == 0, replaced['stderr']
+    assert '[1/1] train loss:' in replaced['stdout']
+    mnist_classifier.Classifier().load_state_dict(torch.load(old, weights_only=True))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['old.pt']
+
+
+def test_weights_digest_is_the_sha256_of_the_file(tmp_path):
+    a, b = tmp_path / 'a.pt', tmp_path / 'b.pt'
+    a.write_bytes(b'\x00' * (3 << 20) + b'a')  # beyond one read of 1 MiB: every chunk counts
+    b.write_bytes(b'\x00' * (3 << 20) + b'b')
+    assert weights_digest(str(a)) == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert weights_digest(a) != weights_digest(b)
+    assert weights_digest(DEFAULT_WEIGHTS) == hashlib.sha256(open(DEFAULT_WEIGHTS, 'rb').read()).hexdigest()
+
+
+def test_weights_digest_of_a_missing_file_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        weights_digest(tmp_path / 'absent.pt')
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot read {tmp_path / 'absent.pt'} (No such file or directory); restore it "
+        f"(git checkout -- absent.pt) if it is the shipped classifier, or run python mnist_classifier.py to train one\n")
+
+
+# ---------------------------------------------------------------- 11. an output that cannot be written, before the work
+
+def unwritable_outputs(tmp_path, constant):
+    (tmp_path / 'a_file').write_text('a file where a folder is asked for')
+    (tmp_path / 'a_folder').mkdir()
+    return [(f'{tmp_path}/nowhere/x.pt', f"--{constant}={tmp_path}/nowhere/x.pt: {tmp_path}/nowhere does not exist; "
+                                         f"make that folder or pass another --{constant}"),
+            (f'{tmp_path}/a_file/x.pt', f"--{constant}={tmp_path}/a_file/x.pt: {tmp_path}/a_file is a file, "
+                                        f"not a folder; move it away or pass another --{constant}")]
+
+
+def test_the_classifier_checks_its_weights_path_before_training(script_server, tiny_mnist, tmp_path):
+    cases = unwritable_outputs(tmp_path, 'weights') + [
+        (f'{tmp_path}/a_folder', f"--weights={tmp_path}/a_folder is a folder; pass the path of a file, like "
+                                 f"--weights={tmp_path}/a_folder/mnist_classifier_retrained.pt")]
+    before = folder_state(tmp_path)
+    for weights, line in cases:
+        # a data_dir of nothing: a check that came after loading the data would download MNIST, offline: another line
+        assert_refused(script_server('mnist_classifier.py', train_args(tmp_path / 'no_data', weights), tmp_path),
+                       2, line)
+    assert folder_state(tmp_path) == before
+
+
+# ---------------------------------------------------------------- 20. bad values: one line naming them, before any work
+
+def test_a_batch_larger_than_the_classifiers_data_names_its_own_constant(script_server, tiny_mnist, tmp_path):
+    result = script_server('mnist_classifier.py', train_args(tiny_mnist, 'w.pt', '--batch_size=1001'), tmp_path)
+    assert_refused(result, 2, f"--batch_size=1001 is more than the 64 training images in {tiny_mnist}/MNIST/raw; "
+                              f"pass --batch_size=64 or lower")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_batch_of_all_the_classifiers_data_trains(script_server, tiny_mnist, tmp_path):
+    result = script_server('mnist_classifier.py', train_args(tiny_mnist, 'w.pt', '--batch_size=64'), tmp_path)
+    assert result['status'] == 0, result['stderr']
+    assert (tmp_path / 'w.pt').exists()
+
+
+def test_a_single_training_image_is_one_line_that_asks_for_no_impossible_batch(script_server, tmp_path):
+    data = write_mnist(tmp_path / 'data', fake_digits, 1, 32)
+    result = script_server('mnist_classifier.py', train_args(data, 'w.pt'), tmp_path)
+    assert_refused(result, 1, f"{data}/MNIST/raw holds 1 training image, fewer than the 2 of the smallest batch; "
+                              f"replace its files with a good copy of MNIST, or delete them to download it again")
+    assert not (tmp_path / 'w.pt').exists()
