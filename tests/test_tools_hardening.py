@@ -1,5 +1,5 @@
 """The tools beside the experiments (issue #19): mnist_classifier.py keeps the shipped yardstick unless asked,
-and refuses bad values and unwritable outputs with one line, before any work.
+and it and benchmarks/speed.py refuse bad values and unwritable outputs with one line, before any work.
 
 Every run here stops at once or trains a few steps on a tiny fake MNIST, through the script server.
 """
@@ -12,6 +12,9 @@ import torch
 import mnist_classifier
 from conftest import REPO, fake_digits, folder_state, write_mnist
 from mnist_classifier import DEFAULT_WEIGHTS, RETRAINED_WEIGHTS, MnistQuality, weights_digest
+
+SPEED = 'benchmarks/speed.py'
+
 
 def assert_refused(result, status, line):
     """The run stopped with this status and exactly this one line on stderr, having printed nothing else."""
@@ -103,6 +106,23 @@ def test_the_classifier_checks_its_weights_path_before_training(script_server, t
     assert folder_state(tmp_path) == before
 
 
+def test_the_benchmark_checks_its_output_before_measuring(script_server, tmp_path):
+    cases = [(output.replace('.pt', '.json'), line.replace('.pt', '.json').replace('weights', 'output'))
+             for output, line in unwritable_outputs(tmp_path, 'weights')] + [
+        (f'{tmp_path}/a_folder', f"--output={tmp_path}/a_folder: {tmp_path}/a_folder is a folder; pass the path of "
+                                 f"a file, like --output={tmp_path}/a_folder/speed.json")]
+    before = folder_state(tmp_path)
+    for output, line in cases:
+        assert_refused(script_server(SPEED, [f'--output={output}'], tmp_path), 2, line)
+    assert folder_state(tmp_path) == before
+
+
+def test_a_relative_benchmark_output_is_beneath_the_repository(script_server, tmp_path):
+    result = script_server(SPEED, ['--output=nowhere/x.json'], tmp_path)
+    assert_refused(result, 2, f"--output=nowhere/x.json: {REPO}/nowhere does not exist; make that folder "
+                              f"or pass another --output")
+
+
 # ---------------------------------------------------------------- 20. bad values: one line naming them, before any work
 
 def test_a_batch_larger_than_the_classifiers_data_names_its_own_constant(script_server, tiny_mnist, tmp_path):
@@ -124,3 +144,39 @@ def test_a_single_training_image_is_one_line_that_asks_for_no_impossible_batch(s
     assert_refused(result, 1, f"{data}/MNIST/raw holds 1 training image, fewer than the 2 of the smallest batch; "
                               f"replace its files with a good copy of MNIST, or delete them to download it again")
     assert not (tmp_path / 'w.pt').exists()
+
+
+SCRIPT_NAMES = 'mnist_gan.py, mnist_cgan.py, mnist_dcgan.py, mnist_cdcgan.py, celeba_dcgan.py, celeba_cdcgan.py'
+LAYOUT_FORM = 'write processes x threads as positive whole numbers, like 1x1,1x2,2x1'
+PRECISION_FORM = ('choose one or more of fp32, bf16, fp16, comma-separated, or --precisions= alone for those the '
+                  'device runs natively')
+BAD_BENCHMARK_VALUES = [
+    ('--layouts=1x', f"--layouts=1x: '1x' is not a layout; {LAYOUT_FORM}"),
+    ('--layouts=0x1', f"--layouts=0x1: '0x1' is not a layout; {LAYOUT_FORM}"),
+    ('--layouts=1x1,2x0', f"--layouts=1x1,2x0: '2x0' is not a layout; {LAYOUT_FORM}"),
+    ('--layouts=1x²', f"--layouts=1x²: '1x²' is not a layout; {LAYOUT_FORM}"),
+    ('--layouts=,', f"--layouts=, names none; {LAYOUT_FORM}"),
+    ('--layouts=1x1,1x1', "--layouts=1x1,1x1 names 1x1 twice; name each once"),
+    ('--precisions=fp8', f"--precisions=fp8: 'fp8' is not known; {PRECISION_FORM}"),
+    ('--precisions=,', f"--precisions=, names none; {PRECISION_FORM}"),
+    ('--precisions=fp32,fp32', "--precisions=fp32,fp32 names fp32 twice; name each once"),
+    ('--scripts=foo.py', f"--scripts=foo.py: 'foo.py' is not known; choose one or more of {SCRIPT_NAMES}, "
+                         f"comma-separated"),
+    ('--scripts=mnist_classifier.py', f"--scripts=mnist_classifier.py: 'mnist_classifier.py' is not known; "
+                                      f"choose one or more of {SCRIPT_NAMES}, comma-separated"),
+    ('--scripts=,', f"--scripts=, names none; choose one or more of {SCRIPT_NAMES}, comma-separated"),
+    ('--memory_formats=,', "--memory_formats=,: use channels_last, contiguous or both, comma-separated"),
+    ('--steps=1001', "--steps=1001: choose a value in [1, 1000]"),
+    ('--output=', "--output=: choose a non-empty value"),
+]
+
+
+@pytest.mark.parametrize('override, line', BAD_BENCHMARK_VALUES, ids=[o for o, _ in BAD_BENCHMARK_VALUES])
+def test_the_benchmark_names_a_bad_value_in_one_line_before_measuring(script_server, tmp_path, override, line):
+    # --device=gpu would stop the run at the device: a value checked only after it would get that line instead
+    assert_refused(script_server(SPEED, [override, '--device=gpu'], tmp_path), 2, line)
+
+
+def test_the_benchmark_checks_values_before_choosing_the_device(script_server, tmp_path):
+    result = script_server(SPEED, ['--device=gpu'], tmp_path)
+    assert_refused(result, 2, "--device=gpu: choose auto, cpu, cuda, mps or one of them numbered, like cuda:1")
