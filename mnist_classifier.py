@@ -1,8 +1,8 @@
 """A small MNIST classifier, and MnistQuality: scores for GAN samples measured with it.
 
 Train:  python mnist_classifier.py        (any constant below: --name=value, e.g. --train_epoch=5)
-        writes mnist_classifier_retrained.pt; the shipped mnist_classifier.pt, which scores every MNIST run,
-        is replaced only when asked: --weights=mnist_classifier.pt --overwrite=True
+        writes mnist_classifier_retrained.pt beside this file; no file is replaced without --overwrite=True,
+        least of all the shipped mnist_classifier.pt, the yardstick every MNIST run is scored with
 Use:    quality = MnistQuality('data', img_size=64, device='cpu')
         quality.score(images, labels)  ->  {'fid': ..., 'class_entropy': ..., 'class_acc': ...}
 
@@ -105,8 +105,8 @@ def weights_digest(path):
             for chunk in iter(lambda: f.read(1 << 20), b''):
                 digest.update(chunk)
     except OSError as e:
-        fail(f"cannot read {path} ({e.strerror or e}); restore it (git checkout -- {os.path.basename(path)}) "
-             f"if it is the shipped classifier, or run python mnist_classifier.py to train one")
+        fail(f"cannot read {path} ({e.strerror or e}); if it is the shipped mnist_classifier.pt, restore it "
+             f"from git, else run python mnist_classifier.py to train one")
     return digest.hexdigest()
 
 
@@ -254,8 +254,8 @@ def check_batch(n_train):
     --train_limit, which plumbing.data.require_a_batch advises)."""
     where = os.path.join(data_dir, 'MNIST', 'raw')
     if n_train < 2:
-        fail(f"{where} holds {n_train} training image{'s' * (n_train != 1)}, fewer than the 2 of the smallest batch; replace its files "
-             f"with a good copy of MNIST, or delete them to download it again")
+        fail(f"{where} holds {n_train} training image{'s' * (n_train != 1)}, fewer than the 2 of the smallest "
+             f"batch; replace its files with a good copy of MNIST, or delete them to download it again")
     if n_train < batch_size:
         fail(f"--batch_size={batch_size} is more than the {n_train} training images in {where}; "
              f"pass --batch_size={n_train} or lower", 2)

@@ -54,7 +54,8 @@ def chosen_among(name, value, valid, empty_means=None):
     """The items of --name=value, each one of valid and none twice (a repeated one would count twice in
     the table), or stop with one line naming the bad item and the valid form."""
     items = listed(value)
-    form = f"one or more of {', '.join(valid)}, comma-separated" + (f", or --{name}= alone for {empty_means}" if empty_means else '')
+    form = f"one or more of {', '.join(valid)}, comma-separated"
+    form += f", or --{name}= alone for {empty_means}" if empty_means else ''
     if not items and (empty_means is None or value.strip()):
         machine.fail(f"--{name}={value} names none; choose {form}", 2)
     for item in items:

@@ -79,8 +79,8 @@ def test_weights_digest_of_a_missing_file_is_one_line(tmp_path, capsys):
         weights_digest(tmp_path / 'absent.pt')
     assert stop.value.code == 1
     assert capsys.readouterr().err == (
-        f"error: cannot read {tmp_path / 'absent.pt'} (No such file or directory); restore it "
-        f"(git checkout -- absent.pt) if it is the shipped classifier, or run python mnist_classifier.py to train one\n")
+        f"error: cannot read {tmp_path / 'absent.pt'} (No such file or directory); if it is the shipped "
+        f"mnist_classifier.pt, restore it from git, else run python mnist_classifier.py to train one\n")
 
 
 # ---------------------------------------------------------------- 11. an output that cannot be written, before the work
@@ -180,3 +180,20 @@ def test_the_benchmark_names_a_bad_value_in_one_line_before_measuring(script_ser
 def test_the_benchmark_checks_values_before_choosing_the_device(script_server, tmp_path):
     result = script_server(SPEED, ['--device=gpu'], tmp_path)
     assert_refused(result, 2, "--device=gpu: choose auto, cpu, cuda, mps or one of them numbered, like cuda:1")
+
+
+def test_the_benchmark_refuses_bf16_on_a_gpu_without_it_before_measuring(monkeypatch, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('speed', REPO / SPEED)
+    speed = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(speed)
+    monkeypatch.setattr(speed.machine, 'pick_device', lambda choice: torch.device('cuda'))
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation: False)
+    monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: 'Tesla T4')
+    monkeypatch.setattr(speed, 'precisions', 'fp32,bf16')
+    monkeypatch.setattr(speed, 'smoke', True)
+    with pytest.raises(SystemExit) as stop:
+        speed.main()
+    assert stop.value.code == 2
+    assert capsys.readouterr() == ('', "error: --precisions=fp32,bf16: this GPU (Tesla T4) has no bf16; "
+                                       "choose among fp32, fp16\n")
