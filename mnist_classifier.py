@@ -1,6 +1,8 @@
 """A small MNIST classifier, and MnistQuality: scores for GAN samples measured with it.
 
 Train:  python mnist_classifier.py        (any constant below: --name=value, e.g. --train_epoch=5)
+        writes mnist_classifier_retrained.pt beside this file; no file is replaced without --overwrite=True,
+        least of all the shipped mnist_classifier.pt, the yardstick every MNIST run is scored with
 Use:    quality = MnistQuality('data', img_size=64, device='cpu')
         quality.score(images, labels)  ->  {'fid': ..., 'class_entropy': ..., 'class_acc': ...}
 
@@ -10,6 +12,7 @@ class_entropy is the entropy in nats of the predicted classes: log(10) = 2.303 w
 equally common, 0 when all images look like one digit. class_acc is the share of images classified
 as the digit they were generated for.
 """
+import hashlib
 import math
 import os
 import time
@@ -20,17 +23,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from plumbing.config import configure
-from plumbing.data import load_mnist, require_a_batch, resize_images, shuffled_batches, to_unit_range
+from plumbing.data import load_mnist, resize_images, shuffled_batches, to_unit_range
 from plumbing.files import is_state_dict, load_torch, save_torch
 from plumbing.images import plot_curves
 from plumbing.machine import fail, pick_device, progress, synchronize
 
-DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'mnist_classifier.pt')
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_WEIGHTS = os.path.join(HERE, 'mnist_classifier.pt')  # shipped: the yardstick MnistQuality scores with
+RETRAINED_WEIGHTS = os.path.join(HERE, 'mnist_classifier_retrained.pt')
 CLASSIFIER_SIZE = 28   # the classifier reads 28x28 images, MNIST's own size
 EVAL_BATCH = 500       # images per forward pass when not training: bounds memory, not results
 
 data_dir = 'data'             # holds MNIST/raw/ with the four IDX files
-weights = DEFAULT_WEIGHTS     # non-empty: file the trained state_dict is written to
+weights = RETRAINED_WEIGHTS   # non-empty: file the trained state_dict is written to
+overwrite = False             # replace the file at --weights if there is one (the shipped one included)
 train_epoch = 3               # [1, 10000]: epochs to train
 batch_size = 128              # >= 2: images per step
 lr = 0.003                    # > 0: peak AdamW learning rate of the one-cycle schedule
@@ -89,6 +95,19 @@ def load_classifier(path, run_device):
     except RuntimeError:
         fail(f"{path} does not fit this Classifier; {retrain}")
     return model.to(run_device).eval()
+
+
+def weights_digest(path):
+    """The sha256 of the weights file at path, in hex: pins which yardstick a run's scores were measured with."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 20), b''):
+                digest.update(chunk)
+    except OSError as e:
+        fail(f"cannot read {path} ({e.strerror or e}); if it is the shipped mnist_classifier.pt, restore it "
+             f"from git, else run python mnist_classifier.py to train one")
+    return digest.hexdigest()
 
 
 @torch.no_grad()
@@ -209,9 +228,42 @@ def load_split(train, run_device):
     return to_unit_range(images.unsqueeze(1)).to(run_device), labels.to(run_device)
 
 
+def check_weights_path():
+    """Stop with one line, before any training, where --weights could not be written or names a file that is
+    there already and --overwrite=True was not passed: an hour of training must not end at the save."""
+    path = weights
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        fail(f"--weights={path} is a folder; pass the path of a file, like "
+             f"--weights={os.path.join(path, os.path.basename(RETRAINED_WEIGHTS))}", 2)
+    if not os.path.isdir(folder):
+        what = ("is a file, not a folder; move it away" if os.path.exists(folder) else
+                "does not exist; make that folder")
+        fail(f"--weights={path}: {folder} {what} or pass another --weights", 2)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"--weights={path}: cannot write in {folder}; make it writable or pass another --weights")
+    if os.path.exists(path) and not overwrite:
+        if os.path.exists(DEFAULT_WEIGHTS) and os.path.samefile(path, DEFAULT_WEIGHTS):
+            fail(f"--weights={path} is the shipped classifier that scores every MNIST run; pass another --weights "
+                 f"(without one it writes {RETRAINED_WEIGHTS}), or add --overwrite=True to replace it", 2)
+        fail(f"--weights={path} exists; add --overwrite=True to replace it, or pass another --weights", 2)
+
+
+def check_batch(n_train):
+    """Training takes full batches only: say so before training, in the classifier's own constants (it has no
+    --train_limit, which plumbing.data.require_a_batch advises)."""
+    where = os.path.join(data_dir, 'MNIST', 'raw')
+    if n_train < 2:
+        fail(f"{where} holds {n_train} training image{'s' * (n_train != 1)}, fewer than the 2 of the smallest "
+             f"batch; replace its files with a good copy of MNIST, or delete them to download it again")
+    if n_train < batch_size:
+        fail(f"--batch_size={batch_size} is more than the {n_train} training images in {where}; "
+             f"pass --batch_size={n_train} or lower", 2)
+
+
 def train(run_device):
     images, labels = load_split(True, run_device)
-    require_a_batch(len(images), batch_size)
+    check_batch(len(images))
     test_images, test_labels = load_split(False, run_device)
     model = Classifier().to(run_device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -250,6 +302,7 @@ def train(run_device):
 
 if __name__ == '__main__':
     configure(globals())
+    check_weights_path()
     run_device = pick_device(device)
     torch.manual_seed(seed)
     train(run_device)

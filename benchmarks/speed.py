@@ -14,6 +14,7 @@ product and a DCGAN-sized convolution timed in each precision.
 """
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -30,13 +31,72 @@ scripts = 'mnist_gan.py,mnist_cgan.py,mnist_dcgan.py,mnist_cdcgan.py,celeba_dcga
 precisions = ''           # comma-separated; '' = those the device runs natively: fp32 and bf16 (and fp16 on CUDA)
 layouts = '1x1,1x2'       # processes x torch threads each, comma-separated: 2x1 is torchrun with 2 processes (CPU)
 memory_formats = 'channels_last'  # comma-separated, for the conv models: channels_last, contiguous
-repeats = 3               # >= 1: interleaved rounds of every measurement
-steps = 1                 # >= 1: batches per epoch: one warm-up epoch, then one timed epoch
+repeats = 3               # [1, 1000]: interleaved rounds of every measurement
+steps = 1                 # [1, 1000]: batches per epoch (written to disk): one warm-up epoch, then one timed epoch
 device = 'auto'           # auto (cuda, else mps, else cpu), cpu, cuda
 smoke = False             # tiny models (d = 8, batch 16) and one round: a check that the benchmark works
-output = 'benchmarks/speed.json'  # the measurements and the table's inputs, for the README
+output = 'benchmarks/speed.json'  # non-empty: the measurements, for the README (beneath the repository; not in smoke)
 
 IMAGES_PER_EPOCH = {'mnist': 60_000, 'celeba': 202_599}
+SCRIPTS = ('mnist_gan.py', 'mnist_cgan.py', 'mnist_dcgan.py', 'mnist_cdcgan.py', 'celeba_dcgan.py', 'celeba_cdcgan.py')
+PRECISIONS = ('fp32', 'bf16', 'fp16')
+MEMORY_FORMATS = ('channels_last', 'contiguous')
+
+
+# ---------------------------------------------------------------- the constants, checked before any measuring
+
+def listed(value):
+    """The comma-separated items of a list constant, stripped; empty items (a trailing comma) are dropped."""
+    return [item.strip() for item in value.split(',') if item.strip()]
+
+
+def chosen_among(name, value, valid, empty_means=None):
+    """The items of --name=value, each one of valid and none twice (a repeated one would count twice in
+    the table), or stop with one line naming the bad item and the valid form."""
+    items = listed(value)
+    form = f"one or more of {', '.join(valid)}, comma-separated"
+    form += f", or --{name}= alone for {empty_means}" if empty_means else ''
+    if not items and (empty_means is None or value.strip()):
+        machine.fail(f"--{name}={value} names none; choose {form}", 2)
+    for item in items:
+        if item not in valid:
+            machine.fail(f"--{name}={value}: {item!r} is not known; choose {form}", 2)
+        if items.count(item) > 1:
+            machine.fail(f"--{name}={value} names {item} twice; name each once", 2)
+    return items
+
+
+def parse_layouts(value):
+    """--layouts as [(processes, threads)], or stop with one line naming the bad layout."""
+    form = "processes x threads as positive whole numbers, like 1x1,1x2,2x1"
+    items = listed(value)
+    if not items:
+        machine.fail(f"--layouts={value} names none; write {form}", 2)
+    shapes = []
+    for item in items:
+        if not re.fullmatch(r'[1-9][0-9]*x[1-9][0-9]*', item):
+            machine.fail(f"--layouts={value}: {item!r} is not a layout; write {form}", 2)
+        shape = tuple(int(n) for n in item.split('x'))
+        if shape in shapes:
+            machine.fail(f"--layouts={value} names {item} twice; name each once", 2)
+        shapes.append(shape)
+    return shapes
+
+
+def output_path():
+    """Where the measurements go, checked before they are taken: a run of an hour must not end at the save."""
+    path = os.path.join(REPO, output)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        machine.fail(f"--output={output}: {path} is a folder; pass the path of a file, like "
+                     f"--output={os.path.join(output, 'speed.json')}", 2)
+    if not os.path.isdir(folder):
+        what = ("is a file, not a folder; move it away" if os.path.exists(folder) else
+                "does not exist; make that folder")
+        machine.fail(f"--output={output}: {folder} {what} or pass another --output", 2)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        machine.fail(f"--output={output}: cannot write in {folder}; make it writable or pass another --output")
+    return path
 
 
 # ---------------------------------------------------------------- synthetic data in the real formats
@@ -141,14 +201,20 @@ def native_precisions(device):
 
 
 def main():
-    run_device = machine.pick_device(device)
-    names = [s.strip() for s in scripts.split(',') if s.strip()]
-    chosen = [p.strip() for p in precisions.split(',') if p.strip()] or native_precisions(run_device)
-    shapes = [tuple(int(n) for n in layout.split('x')) for layout in layouts.split(',')]
-    shapes = [(1, 1)] if run_device.type != 'cpu' else shapes  # one GPU
-    formats = [f.strip() for f in memory_formats.split(',') if f.strip()]
-    if not set(formats) <= {'channels_last', 'contiguous'}:
+    names = chosen_among('scripts', scripts, SCRIPTS)
+    chosen = chosen_among('precisions', precisions, PRECISIONS, empty_means="those the device runs natively")
+    shapes = parse_layouts(layouts)
+    formats = listed(memory_formats)
+    if not formats or not set(formats) <= set(MEMORY_FORMATS) or len(set(formats)) < len(formats):
         machine.fail(f"--memory_formats={memory_formats}: use channels_last, contiguous or both, comma-separated", 2)
+    path = None if smoke else output_path()
+    run_device = machine.pick_device(device)
+    native = native_precisions(run_device)
+    if run_device.type == 'cuda' and 'bf16' in chosen and 'bf16' not in native:
+        machine.fail(f"--precisions={precisions}: this GPU ({describe(run_device)}) has no bf16; "
+                     f"choose among {', '.join(native)}", 2)
+    chosen = chosen or native
+    shapes = [(1, 1)] if run_device.type != 'cpu' else shapes  # one GPU
     formats_of = {s: formats if hasattr(load_script(s), 'channels_last') else ['-'] for s in names}  # MLPs: none
     width, batch, rounds = (8, 16, 1) if smoke else (None, 128, repeats)
     dtypes = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}
@@ -178,7 +244,7 @@ def main():
                           'rates': {f"{s} {n[0]}x{n[1]} {m} {p}": r for (s, n, m, p), r in rates.items()},
                           'flops_per_image': flops,
                           'peaks_gflops': {f"{p} {n}": {'matmul': m, 'conv': c} for (p, n), (m, c) in peaks.items()},
-                          'table': table}, os.path.join(REPO, output))
+                          'table': table}, path)
 
 
 def describe(device):

@@ -16,7 +16,7 @@ sys.path.insert(0, str(REPO))
 from plumbing import data  # noqa: E402
 from conftest import run_script  # noqa: E402
 from mnist_classifier import (DEFAULT_WEIGHTS, Classifier, MnistQuality, accuracy, frechet_distance,  # noqa: E402
-                              load_classifier)
+                              load_classifier, weights_digest)
 
 DATA = str(REPO / 'data')
 N = 2000
@@ -158,3 +158,13 @@ def test_other_image_sizes_score_real_images_near_the_floor(size, real):
     assert scores['class_entropy'] == pytest.approx(math.log(10), abs=0.02)
     assert scores['class_acc'] > 0.97
     assert quality.score(uniform_noise(size))['fid'] > 50 * FLOOR
+
+
+# ---------------------------------------------------------------- the yardstick's digest
+
+SHIPPED_DIGEST = '2d128113b3ac01732ba7a62cbfc48d60f81012a89553384291cf5005220925cb'  # sha256sum mnist_classifier.pt
+
+
+def test_the_shipped_weights_are_the_ones_every_score_was_measured_with():
+    """Every fid in the README and docs/results.md was measured with this file: a retrained one changes them all."""
+    assert weights_digest(DEFAULT_WEIGHTS) == SHIPPED_DIGEST
