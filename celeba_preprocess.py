@@ -216,9 +216,11 @@ def made_with(out, done, available, zip_path):
     written = sorted((name, cls) for cls, names in done.items() for name in names)
     if not written:
         return None, False
-    name, cls = written[0]
-    with Image.open(os.path.join(out, cls, name)) as im:
-        width, height = im.size
+    sizes = ((face_size(os.path.join(out, cls, name)), cls) for name, cls in written)
+    first = next(((size, cls) for size, cls in sizes if size), None)
+    if first is None:  # none of its images opens: nothing to tell its settings by
+        return None, False
+    (width, height), cls = first
     if width != height:  # no face this script wrote
         fail(f"{out}/{cls}/ holds {width}x{height} images, not the square faces celeba_preprocess.py writes; "
              f"give another --output_dir")
@@ -232,6 +234,17 @@ def made_with(out, done, available, zip_path):
                     found['isCrop'] = crop
                     break
     return found, False
+
+
+def face_size(path):
+    """The image's (width, height), or None if it cannot be read as an image."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Stopped:  # SIGTERM, not a damaged file
+        raise
+    except Exception:  # whatever a damaged file makes the decoder raise
+        return None
 
 
 def crop_of(face, source, size):
@@ -261,7 +274,9 @@ def check_settings(out, done, available, zip_path):
     found, recorded = made_with(out, done, available, zip_path)
     if found is not None and found != settings:
         differing = {name: found[name] for name in SETTINGS if found[name] != settings[name]}
-        way = flags(differing) + (" " + shlex.quote(f"--output_dir={out}") if not output_dir and 'isCrop' in differing else '')
+        way = flags(differing)
+        if not output_dir and 'isCrop' in differing:  # --isCrop alone would pick the other default folder
+            way += ' ' + shlex.quote(f"--output_dir={out}")
         told = (f"as its {SETTINGS_FILE} records" if recorded else
                 f"told from its faces: it has no {SETTINGS_FILE}, from an older celeba_preprocess.py")
         fail(f"{out}/ holds faces made with {flags(found)} ({told}), not {flags(settings)}; "

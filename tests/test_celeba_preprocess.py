@@ -270,4 +270,4 @@ def test_output_folder_default(celeba, tmp_path):
     from plumbing.celeba import celeba_folder
     assert celeba_folder(False) == 'data/resized_celebA' and celeba_folder(True) == 'data/resized_celebA_crop'
     run(tmp_path, f'--celeba_dir={celeba}', '--isCrop=True')
-    assert sorted(os.listdir(tmp_path / celeba_folder(True))) == ['female', 'male']
+    assert sorted(os.listdir(tmp_path / celeba_folder(True))) == ['celeba_preprocess.json', 'female', 'male']
