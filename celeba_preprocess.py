@@ -4,12 +4,19 @@ Reads img_align_celeba/ (or img_align_celeba.zip, left packed) and list_attr_cel
 celeba_dir; torchvision's celeba/ subfolder and Kaggle's layout (img_align_celeba/img_align_celeba/,
 list_attr_celeba.csv) work too. A rerun skips the images already written, so an interrupted run is
 finished by running the same command again.
+
+The output folder records the settings it was made with (isCrop, img_size) in celeba_preprocess.json,
+and a run with other settings is refused rather than mix them. A folder from an older version, which
+recorded none, is judged by its faces: their size, and whether one of them matches its source made
+again cropped or whole; the settings found are then recorded.
 """
 import common  # noqa: F401  first: from here on a Ctrl-C is one line, even while the other modules load
 
+import contextlib
 import functools
 import math
 import os
+import shlex
 import signal
 import time
 import zipfile
@@ -17,12 +24,13 @@ from collections import Counter
 from io import BytesIO
 from multiprocessing import Pool
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageStat, UnidentifiedImageError
 from tqdm import tqdm
 
-from plumbing.celeba import celeba_folder
+from plumbing.celeba import SETTINGS, SETTINGS_FILE, celeba_folder, flags, read_settings
 from plumbing.config import configure
-from plumbing.files import make_folder, output_failed
+from plumbing.files import make_folder, output_failed, save_json
+from plumbing.interrupts import Stopped, raise_stopped
 from plumbing.machine import fail
 
 celeba_dir = 'data/celebA'  # folder holding img_align_celeba/ (or img_align_celeba.zip) and list_attr_celeba.txt
@@ -62,7 +70,7 @@ def locate(root):
 
 def read_table(path):
     """The attribute file as (column names, rows of [image name, values ...]); fail if its header is wrong."""
-    with open(path, encoding='utf-8', errors='replace') as f:
+    with open(path, encoding='utf-8-sig', errors='replace') as f:  # -sig: a BOM an editor added is no name
         lines = [line for line in f.read().splitlines() if line.strip()]
     if path.endswith('.csv'):  # Kaggle: image_id,5_o_Clock_Shadow,...  then  000001.jpg,-1,1,...
         header = lines[0].split(',') if lines else []
@@ -130,16 +138,24 @@ def square_face(im, size, crop):
     return im.resize((size, size), Image.LANCZOS, box=box).convert('RGB')
 
 
+def too_small(im, crop):
+    """Whether the image cannot hold the crop box: then it is no CelebA aligned face, and is skipped."""
+    return crop and (im.width < CROP_SIDE or im.height < CROP_SIDE)
+
+
 def convert(job, zip_path, size, crop):
-    """Write one resized face atomically; return (name, None), or (name, why) if the source is damaged."""
+    """Write one resized face atomically; return (name, None, None), or (name, 'corrupt', why) if the source
+    is damaged, or (name, 'small', 'WxH') if it is too small for the crop box."""
     name, source, target = job
     try:
         with Image.open(BytesIO(open_zip(zip_path).read(source)) if zip_path else source) as im:
+            if too_small(im, crop):
+                return name, 'small', f'{im.width}x{im.height}'
             face = square_face(im, size, crop)
     except UnidentifiedImageError:
-        return name, 'not an image'
+        return name, 'corrupt', 'not an image'
     except Exception as e:  # whatever a damaged file makes the decoder raise, skip it and go on
-        return name, str(e) or type(e).__name__
+        return name, 'corrupt', str(e) or type(e).__name__
     temp = os.path.join(os.path.dirname(target), '.' + name + TEMP_SUFFIX)
     jpeg = BytesIO()  # encoded in memory: PIL's JPEG encoder writing to a file ignores a full disk
     face.save(jpeg, 'JPEG', quality=JPEG_QUALITY)
@@ -152,12 +168,14 @@ def convert(job, zip_path, size, crop):
     finally:  # and leaves no temp file
         if os.path.lexists(temp):
             os.remove(temp)
-    return name, None
+    return name, None, None
 
 
 def ignore_interrupt():
-    """Leave Ctrl-C to the main process, which stops the pool: no traceback from every worker."""
+    """Leave Ctrl-C and SIGTERM to the main process, which stops the pool: no traceback from every worker.
+    SIGTERM ends a worker the default way, silently: it is how the pool's terminate() stops them."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def convert_all(jobs, zip_path, size, crop, processes):
@@ -170,7 +188,7 @@ def convert_all(jobs, zip_path, size, crop, processes):
 
 # ---------------------------------------------------------------- the output folder
 
-def written_names(out, size):
+def written_names(out):
     """Names already written in each class folder; deletes the temp files a killed run left behind."""
     done = {}
     for cls in CLASSES.values():
@@ -181,18 +199,90 @@ def written_names(out, size):
             if name.endswith(TEMP_SUFFIX):
                 os.remove(os.path.join(folder, name))
         done[cls] = {name for name in names if name.endswith('.jpg')}
-        check_size(folder, done[cls], size)
     return done
 
 
-def check_size(folder, names, size):
-    """Fail if the folder holds another size: a rerun would skip those images as done and mix the sizes."""
-    name = next(iter(names), None)
-    if name:
-        with Image.open(os.path.join(folder, name)) as im:
-            if im.size != (size, size):
-                fail(f"{folder}/ holds {im.size[0]}x{im.size[1]} images, not {size}x{size}; "
-                     "give another --output_dir or delete that folder")
+def made_with(out, done, available, zip_path):
+    """(the settings out/ was made with, whether it recorded them): None for a folder with no faces yet.
+
+    A folder of an older version recorded none: its size is its first face's, and its crop is the one
+    whose remake of a face from its source comes closer to that face (the crop and the whole square
+    differ by far more than the JPEG's rounding). Where no face's source can be read, its crop cannot
+    be told and this run's is taken.
+    """
+    recorded = read_settings(out)
+    if recorded is not None:
+        return recorded, True
+    written = sorted((name, cls) for cls, names in done.items() for name in names)
+    if not written:
+        return None, False
+    sizes = ((face_size(os.path.join(out, cls, name)), cls) for name, cls in written)
+    first = next(((size, cls) for size, cls in sizes if size), None)
+    if first is None:  # none of its images opens: nothing to tell its settings by
+        return None, False
+    (width, height), cls = first
+    if width != height:  # no face this script wrote
+        fail(f"{out}/{cls}/ holds {width}x{height} images, not the square faces celeba_preprocess.py writes; "
+             f"give another --output_dir")
+    found = {'isCrop': isCrop, 'img_size': width}
+    with zipfile.ZipFile(zip_path) if zip_path else contextlib.nullcontext() as z:  # not open_zip: workers fork
+        for name, cls in written[:SHOWN]:
+            if name in available:
+                crop = crop_of(os.path.join(out, cls, name), BytesIO(z.read(available[name])) if z
+                               else available[name], width)
+                if crop is not None:
+                    found['isCrop'] = crop
+                    break
+    return found, False
+
+
+def face_size(path):
+    """The image's (width, height), or None if it cannot be read as an image."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except Stopped:  # SIGTERM, not a damaged file
+        raise
+    except Exception:  # whatever a damaged file makes the decoder raise
+        return None
+
+
+def crop_of(face, source, size):
+    """Whether the face was made from source cropped (True) or whole (False); None if source cannot be read."""
+    try:
+        with Image.open(face) as im:
+            written = im.convert('RGB')
+        distance = {}
+        for crop in (False, True):
+            with Image.open(source) as im:
+                if too_small(im, crop):
+                    return False
+                distance[crop] = sum(ImageStat.Stat(ImageChops.difference(square_face(im, size, crop), written)).mean)
+            if hasattr(source, 'seek'):
+                source.seek(0)
+    except Stopped:  # SIGTERM, not a damaged file
+        raise
+    except Exception:  # whatever a damaged file makes the decoder raise: try another face
+        return None
+    return min(distance, key=distance.get)
+
+
+def check_settings(out, done, available, zip_path):
+    """Stop with one line if out/ holds faces made with other settings; else record this run's there,
+    first, so that even a run stopped at once leaves the folder's settings told."""
+    settings = {name: globals()[name] for name in SETTINGS}
+    found, recorded = made_with(out, done, available, zip_path)
+    if found is not None and found != settings:
+        differing = {name: found[name] for name in SETTINGS if found[name] != settings[name]}
+        way = flags(differing)
+        if not output_dir and 'isCrop' in differing:  # --isCrop alone would pick the other default folder
+            way += ' ' + shlex.quote(f"--output_dir={out}")
+        told = (f"as its {SETTINGS_FILE} records" if recorded else
+                f"told from its faces: it has no {SETTINGS_FILE}, from an older celeba_preprocess.py")
+        fail(f"{out}/ holds faces made with {flags(found)} ({told}), not {flags(settings)}; "
+             f"give another --output_dir, or pass {way} to add to them")
+    if not recorded:
+        save_json(settings, os.path.join(out, SETTINGS_FILE))
 
 
 def some(names):
@@ -203,12 +293,24 @@ def some(names):
 
 def main():
     configure(globals())
+    signal.signal(signal.SIGTERM, raise_stopped)  # from here on SIGTERM is one line, as Ctrl-C is
+    try:
+        preprocess()
+    except KeyboardInterrupt:
+        fail("interrupted; run the same command again to finish (the images written so far are kept)", 130)
+    except Stopped:
+        fail("stopped by SIGTERM; run the same command again to finish (the images written so far are kept)", 143)
+
+
+def preprocess():
     started = time.time()
     images, attributes = locate(celeba_dir)
     genders = read_genders(attributes)
     available = list_images(images)
     out = output_dir or celeba_folder(isCrop)
-    done = written_names(out, img_size)
+    zip_path = images if images.endswith('.zip') else None
+    done = written_names(out)
+    check_settings(out, done, available, zip_path)
 
     jobs, missing, present = [], [], 0
     for name, gender in genders.items():
@@ -219,17 +321,15 @@ def main():
             missing.append(name)
         else:
             jobs.append((name, available[name], os.path.join(out, cls, name)))
-    zip_path = images if images.endswith('.zip') else None
     try:
         results = convert_all(jobs, zip_path, img_size, isCrop, workers or os.cpu_count()) if jobs else []
-    except KeyboardInterrupt:
-        fail("interrupted; run the same command again to finish (the images written so far are kept)", 130)
     except OSError as e:  # a worker could not write a face: a full disk, no permission
         output_failed(e.filename or out, e)
 
     seconds = time.time() - started
-    written = Counter(CLASSES[genders[name]] for name, problem in results if problem is None)
-    corrupt = [f'{name} ({problem})' for name, problem in results if problem is not None]
+    written = Counter(CLASSES[genders[name]] for name, problem, _ in results if problem is None)
+    corrupt = [f'{name} ({why})' for name, problem, why in results if problem == 'corrupt']
+    small = [f'{name} ({why})' for name, problem, why in results if problem == 'small']
     unlisted = available.keys() - genders.keys()
     print(f"wrote {written['female']} female and {written['male']} male faces to {out}/ "
           f"({present} already there) in {seconds:.1f} s, {sum(written.values()) / seconds:.0f} images/s")
@@ -237,6 +337,8 @@ def main():
         print(f"skipped {len(missing)} listed but missing from {images}: {some(missing)}")
     if corrupt:
         print(f"skipped {len(corrupt)} corrupt or truncated: {some(corrupt)}")
+    if small:
+        print(f"skipped {len(small)} too small for the {CROP_SIDE}x{CROP_SIDE} crop: {some(small)}")
     if unlisted:
         print(f"ignored {len(unlisted)} not listed in {attributes}: {some(unlisted)}")
 

@@ -12,7 +12,7 @@ from io import BytesIO
 import pytest
 from PIL import Image, ImageChops, ImageDraw, ImageStat
 
-from conftest import REPO, run_script
+from conftest import REPO, folder_state, run_script
 
 SCRIPT = 'celeba_preprocess.py'
 
@@ -169,8 +169,13 @@ def test_rerun_writes_nothing(celeba, full):
 
 
 def test_other_size_into_same_folder_is_refused(celeba, full):
+    before = folder_state(full[0])
     proc = run(full[0].parent, f'--celeba_dir={celeba}', '--output_dir=out', '--img_size=32', check=False)
-    assert proc.returncode == 1 and 'holds 64x64 images, not 32x32' in proc.stderr
+    assert proc.returncode == 1
+    assert proc.stderr == ('error: out/ holds faces made with --isCrop=False --img_size=64 (as its '
+                           'celeba_preprocess.json records), not --isCrop=False --img_size=32; give another '
+                           '--output_dir, or pass --img_size=64 to add to them\n')
+    assert folder_state(full[0]) == before
 
 
 def kaggle(celeba, root):
@@ -262,7 +267,7 @@ def test_bad_input_gives_one_line_error(celeba, tmp_path, make, message):
 
 def test_output_folder_default(celeba, tmp_path):
     """Without --output_dir the faces go where the training scripts look for them."""
-    from common import celeba_folder
+    from plumbing.celeba import celeba_folder
     assert celeba_folder(False) == 'data/resized_celebA' and celeba_folder(True) == 'data/resized_celebA_crop'
     run(tmp_path, f'--celeba_dir={celeba}', '--isCrop=True')
-    assert sorted(os.listdir(tmp_path / celeba_folder(True))) == ['female', 'male']
+    assert sorted(os.listdir(tmp_path / celeba_folder(True))) == ['celeba_preprocess.json', 'female', 'male']
