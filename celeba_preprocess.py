@@ -241,8 +241,6 @@ def face_size(path):
     try:
         with Image.open(path) as im:
             return im.size
-    except Stopped:  # SIGTERM, not a damaged file
-        raise
     except Exception:  # whatever a damaged file makes the decoder raise
         return None
 
@@ -260,8 +258,6 @@ def crop_of(face, source, size):
                 distance[crop] = sum(ImageStat.Stat(ImageChops.difference(square_face(im, size, crop), written)).mean)
             if hasattr(source, 'seek'):
                 source.seek(0)
-    except Stopped:  # SIGTERM, not a damaged file
-        raise
     except Exception:  # whatever a damaged file makes the decoder raise: try another face
         return None
     return min(distance, key=distance.get)

@@ -6,12 +6,12 @@ import os
 import re
 import shlex
 import time
+import zlib
 
 import torch
 
 from plumbing.data import evenly_spaced, require_a_batch
 from plumbing.files import atomic_write, save_json
-from plumbing.interrupts import Stopped
 from plumbing.machine import fail, progress, writes_files
 
 
@@ -93,12 +93,13 @@ def image_folder_tensor(folder, size, command, elsewhere=None):
         fail(f"{folder}/ is missing or has no class folders of images; make it with: {command}")
     data_path = os.path.normpath(folder) + '.u8'
     index = {'fingerprint': fingerprint, 'shape': [len(paths), 3, size, size]}
-    if not cache_is_current(index, data_path) and writes_files():
+    if writes_files() and not cache_is_sound(index, data_path):
         remove_dead_temporaries(data_path)
         made_here = read_settings(folder) is not None
         decode_into(data_path, paths, index['shape'], folder, command if made_here else None,
                     elsewhere or f"make it with: {command}")
-        save_json(index, data_path + '.json')  # last: a cache without its index is never trusted
+        # last: a cache without its index is never trusted
+        save_json({**index, 'crc32': file_crc32(data_path)}, data_path + '.json')
     while not cache_is_current(index, data_path):  # under torchrun: rank 0 decodes, for minutes on all of CelebA
         time.sleep(1)
     try:
@@ -108,14 +109,45 @@ def image_folder_tensor(folder, size, command, elsewhere=None):
     return images.view(index['shape']), labels, classes
 
 
+def stored_index(data_path):
+    """The cache's index as written, or None where there is none or it is damaged."""
+    try:
+        with open(data_path + '.json') as f:
+            stored = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
+
+
 def cache_is_current(index, data_path):
     """Whether data_path holds the images its index describes, of the folder as it is now. A damaged index
     or a cache of the wrong size (cut short by a full disk, say) is not: it is decoded again."""
+    stored = stored_index(data_path)
     try:
-        with open(data_path + '.json') as f:
-            return json.load(f) == index and os.path.getsize(data_path) == math.prod(index['shape'])
-    except (OSError, ValueError):  # no cache yet, or a damaged index: decode again
+        return stored is not None and {key: stored.get(key) for key in index} == index and \
+            os.path.getsize(data_path) == math.prod(index['shape'])
+    except OSError:  # no cache yet
         return False
+
+
+def cache_is_sound(index, data_path):
+    """cache_is_current, and its bytes still those its index's CRC-32 was taken of: a damaged cache (a
+    zeroed stretch, say) is decoded again. Reading it costs about a second a GB; decoding, minutes."""
+    if not cache_is_current(index, data_path):
+        return False
+    if file_crc32(data_path) == stored_index(data_path).get('crc32'):
+        return True
+    print(f"{data_path} does not match its checksum (damaged, or made by an older version): decoding it again",
+          flush=True)
+    return False
+
+
+def file_crc32(path):
+    crc = 0
+    with open(path, 'rb') as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def temporary_names(data_path):
@@ -193,8 +225,6 @@ def decode_into(data_path, paths, shape, folder, command, elsewhere):
                     found = im.size
                     if found == (width, height):
                         pixels = pil_to_tensor(im.convert('RGB'))
-            except Stopped:  # SIGTERM arrived while this image decoded: it says nothing about the image
-                raise
             except Exception:  # whatever a damaged file makes the decoder raise (OSError mostly), it means the same
                 fail(f"cannot decode {path}: it is damaged; " + (f"delete it and make it again with: {command}"
                      if command else f"replace it with a good copy, or move it out of {folder}/"))

@@ -236,8 +236,10 @@ def test_faces_of_another_size_get_one_line(tmp_path):
     write_faces(tmp_path / 'data' / 'resized_celebA', {'female': 2, 'male': 2}, size=32)
     result = run_script('celeba_dcgan.py', cwd=tmp_path)
     assert result.returncode == 1 and 'Traceback' not in result.stderr and result.stderr.count('\n') == 1
-    assert 'is 32x32, not 64x64; delete data/resized_celebA/ and make it again with: ' \
-           'python celeba_preprocess.py' in result.stderr
+    assert ('is 32x32, not 64x64: data/resized_celebA/ holds images of another size, not faces '
+            'celeba_preprocess.py made at img_size 64; make them in another folder with: python celeba_preprocess.py '
+            '--output_dir=data/resized_celebA_64 and pass --data_dir=data/resized_celebA_64') in result.stderr
+    assert 'delete' not in result.stderr  # the folder is not one the scripts are known to have made
     assert not (tmp_path / 'data' / 'resized_celebA.u8').exists()
 
 

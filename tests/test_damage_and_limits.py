@@ -155,3 +155,21 @@ def test_torchrun_s_variables_left_set_without_torchrun_are_one_line(mnist_dir, 
                           env={**ENV, **variables}, capture_output=True, text=True, timeout=120)
     assert (done.returncode, done.stderr) == (2, f'error: {line}\n')
     assert not (tmp_path / 'out').exists()
+
+
+def test_a_zeroed_stretch_of_the_celeba_cache_is_decoded_again(tmp_path, capsys):
+    from plumbing import celeba
+    from test_celeba_training import write_faces
+    write_faces(tmp_path / 'faces', {'female': 3, 'male': 2})
+    images, _, _ = celeba.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
+    original = images.clone()
+    cache = tmp_path / 'faces.u8'
+    content = bytearray(cache.read_bytes())
+    content[len(content) // 2:] = bytes(len(content) - len(content) // 2)
+    cache.unlink()
+    cache.write_bytes(bytes(content))
+    capsys.readouterr()
+    again, _, _ = celeba.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
+    assert f'{cache} does not match its checksum (damaged, or made by an older version): decoding it again' in \
+        capsys.readouterr().out
+    assert torch.equal(again, original)

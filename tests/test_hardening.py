@@ -458,8 +458,8 @@ def test_a_damaged_face_is_one_line_and_leaves_no_cache(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         celeba.image_folder_tensor(str(tmp_path / 'faces'), 64, 'python celeba_preprocess.py')
     assert stop.value.code == 1
-    assert capsys.readouterr().err == (f'error: cannot decode {damaged}: it is damaged; delete it and make it again '
-                                       f'with: python celeba_preprocess.py\n')
+    assert capsys.readouterr().err == (f'error: cannot decode {damaged}: it is damaged; replace it with a good copy, '
+                                       f'or move it out of {tmp_path}/faces/\n')  # no settings file: not ours
     assert os.listdir(tmp_path) == ['faces']  # no cache, no temporary file
 
 
