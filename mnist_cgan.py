@@ -122,7 +122,7 @@ def train(run):
     opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
     # Before start(), whose restored random state must not be drawn from by anything but training.
     quality = MnistQuality(data_dir, img_size, run.device) if quality_samples else None
-    G, D, G_ema, fixed = run.start(G, D, opt_G, opt_D, fixed_inputs)
+    G, D, G_ema, fixed = run.start(G, D, opt_G, opt_D, fixed_inputs, scored_by=quality)
     run.save_grid('raw_MNIST.png', images[:100], nrow=10)
     loss = nn.BCEWithLogitsLoss()
     real_target = torch.full((run.rank_batch,), 1.0 - label_smoothing, device=run.device)

@@ -181,6 +181,7 @@ class MnistQuality:
         self.img_size = img_size
         self.device = torch.device(device)
         self.classifier = load_classifier(weights, self.device)
+        self.weights, self.digest = weights, weights_digest(weights)  # the yardstick, pinned in each run
         images, _ = load_mnist(data_dir, train=False)
         reference = to_unit_range(resize_images(images, img_size))
         features, _ = self._classify(reference)

@@ -28,10 +28,11 @@ class RunFolder:
                             'precision', 'channels_last', 'sync_batchnorm', 'compile', 'collapse_factor',
                             'stop_on_collapse', 'generate', 'generate_from'}
 
-    def __init__(self, model_name, config, models, optimizers, exports, scaler=None, best_by=None):
+    def __init__(self, model_name, config, models, optimizers, exports, scaler=None, best_by=None, yardstick=None):
         """config: the script's constants; models, optimizers and the scaler go into the checkpoint;
         exports are saved as <Model>_<name>.pt; best_by: the history key (lower is better) whose best
-        epoch's generator is kept as <Model>_generator_best.pt."""
+        epoch's generator is kept as <Model>_generator_best.pt; yardstick: what scores the epochs
+        ({'classifier': path, 'sha256': its digest}), which a resume must find unchanged."""
         self.name = model_name
         self.script = os.path.basename(sys.argv[0])
         self.config = config
@@ -41,6 +42,7 @@ class RunFolder:
         self.scaler = scaler
         self.exports = exports
         self.best_by = best_by
+        self.yardstick = yardstick
         self.history = []
         self.config_changes = []  # [{'epoch': the first trained with them, name: [before, now], ...}, ...]
         self.fixed = {}
@@ -112,6 +114,12 @@ class RunFolder:
         if changed:
             fail(f"{self.checkpoint_path} was made with other constants: {', '.join(changed)}; pass those, use "
                  f"another --results_dir, or --resume=false to start afresh")
+        scored_with = state.get('yardstick')  # None in a checkpoint from before it was recorded
+        if scored_with and self.yardstick and scored_with['sha256'] != self.yardstick['sha256']:
+            fail(f"{self.checkpoint_path} was scored with another MNIST classifier than {self.yardstick['classifier']} "
+                 f"holds now (sha256 {scored_with['sha256'][:12]}..., now {self.yardstick['sha256'][:12]}...): its "
+                 f"fid would not compare with this run's; put that classifier back, or pass --resume=false or "
+                 f"another --results_dir")
         misfit = (f"{self.checkpoint_path} does not fit the models of this {self.script} (an older version made "
                   f"it?); {afresh}")
         shapes = {name: tuple(tensor.shape) for name, tensor in self.fixed.items()}
@@ -171,7 +179,8 @@ class RunFolder:
         self._keep_if_best(epoch)
         self.save_history()
         state = {'epoch': epoch, 'model': self.name, 'script': self.script, 'config': self.config,
-                 'config_changes': self.config_changes, 'history': self.history, 'fixed': self.fixed,
+                 'config_changes': self.config_changes, 'yardstick': self.yardstick,
+                 'history': self.history, 'fixed': self.fixed,
                  'models': {n: m.state_dict() for n, m in self.models.items()},
                  'optimizers': {n: o.state_dict() for n, o in self.optimizers.items()},
                  'scaler': self.scaler.state_dict() if self.scaler is not None else {},
@@ -201,7 +210,8 @@ class RunFolder:
     def save_history(self):
         seconds = sum(h['seconds'] for h in self.history)
         save_json({'model': self.name, 'config': self.config, 'config_changes': self.config_changes,
-                   'total_seconds': seconds, 'epochs': self.history}, self.path(f"{self.name}_train_hist.json"))
+                   'scored_with': self.yardstick, 'total_seconds': seconds, 'epochs': self.history},
+                  self.path(f"{self.name}_train_hist.json"))
 
     def fixed_grid_path(self, epoch):
         return self.path('Fixed_results', f"{self.name}_{epoch}.png")

@@ -152,11 +152,12 @@ class Run:
 
     # ------------------------------------------------ training
 
-    def start(self, G, D, opt_G, opt_D, fixed_inputs):
+    def start(self, G, D, opt_G, opt_D, fixed_inputs, scored_by=None):
         """Take the results folder and resume from its checkpoint, if there is one and resume is on.
 
         Makes the moving average of G (ema_decay), compiles G and D if asked, and draws
         fixed_inputs(device), the inputs kept for the whole run ({name: tensor}, saved in the checkpoint).
+        scored_by: the MnistQuality that scores the epochs; its classifier is pinned by its digest.
         Returns G and D as training calls them (in DistributedDataParallel under torchrun), the moving
         average of G, and the fixed inputs on the device.
         """
@@ -168,7 +169,8 @@ class Run:
                            models={'generator': G, 'discriminator': D, 'generator_average': G_ema},
                            optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=self.scaler,
                            exports={'generator': G_ema.module, 'discriminator': D},
-                           best_by='fid' if config.get('quality_samples') else None)
+                           best_by='fid' if config.get('quality_samples') else None,
+                           yardstick={'classifier': scored_by.weights, 'sha256': scored_by.digest} if scored_by else None)
         self.folder = folder  # from here an interruption is the folder's to explain
         self.first_epoch = folder.start(lambda: fixed_inputs(self.device))
         self.optimizers = (opt_G, opt_D)

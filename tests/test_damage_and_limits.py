@@ -1,5 +1,6 @@
 """Damage and limits (issue #19): checksums of what the scripts read back, SIGTERM and Ctrl-C while a
 checkpoint loads, too few MNIST images, memory running out, and torchrun's variables without torchrun."""
+import json
 import os
 import resource
 import shutil
@@ -173,3 +174,22 @@ def test_a_zeroed_stretch_of_the_celeba_cache_is_decoded_again(tmp_path, capsys)
     assert f'{cache} does not match its checksum (damaged, or made by an older version): decoding it again' in \
         capsys.readouterr().out
     assert torch.equal(again, original)
+
+
+def test_a_run_is_pinned_to_the_classifier_that_scores_it(work, script_server, mnist_dir):
+    from mnist_classifier import DEFAULT_WEIGHTS, weights_digest
+    shipped = weights_digest(DEFAULT_WEIGHTS)
+    record = json.loads((work / 'out' / 'MNIST_GAN_train_hist.json').read_text())
+    assert record['scored_with'] == {'classifier': DEFAULT_WEIGHTS, 'sha256': shipped}
+    checkpoint = work / 'out' / 'checkpoint.pt'
+    state = torch.load(checkpoint, weights_only=True)
+    assert state['yardstick']['sha256'] == shipped
+    state['yardstick']['sha256'] = 'f' * 64  # as if the classifier had been retrained since
+    checkpoint.unlink()
+    torch.save(state, checkpoint)
+    before = folder_state(work)
+    assert_refused(script_server('mnist_gan.py', tiny(mnist_dir, 'out', 2), work), 1,
+                   f'out/checkpoint.pt was scored with another MNIST classifier than {DEFAULT_WEIGHTS} holds now '
+                   f'(sha256 ffffffffffff..., now {shipped[:12]}...): its fid would not compare with this run\'s; put '
+                   f'that classifier back, or pass --resume=false or another --results_dir')
+    assert folder_state(work) == before
