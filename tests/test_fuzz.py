@@ -6,6 +6,7 @@ range, empty, huge) on top of a tiny run that resumes a folder trained one epoch
 range checks, the checks of a checkpoint against its constants, and the tiny run itself.
 """
 import importlib
+import json
 import os
 import random
 import shutil
@@ -13,6 +14,7 @@ import shutil
 import pytest
 
 from plumbing import config
+from plumbing.folder import RunFolder
 from conftest import copy_results, folder_state
 from test_celeba_training import write_faces
 
@@ -94,7 +96,19 @@ def test_random_overrides_run_or_stop_with_one_line(script, script_server, mnist
                 after = {path: state for path, state in after.items()
                          if path in before or not (inside(path, download) or inside(download, path))}
             assert after == before, where
+        elif 'resuming after epoch 1' in result['stdout']:  # a resume keeps the experiment, records the rest
+            assert_resume_kept_the_experiment(cwd / 'out', trained / 'out', constants, overrides)
         shutil.rmtree(cwd)
+
+
+def assert_resume_kept_the_experiment(out, first, constants, overrides):
+    (history,) = out.glob('*_train_hist.json')
+    resumed, trained = (json.loads(path.read_text()) for path in (history, first / history.name))
+    kept = {name for name in constants if name not in RunFolder.MAY_CHANGE_ON_RESUME}
+    assert {n: resumed['config'][n] for n in kept} == {n: trained['config'][n] for n in kept}, overrides
+    changed = {n for n in constants if resumed['config'][n] != trained['config'][n]}
+    recorded = {n for change in resumed['config_changes'] for n in change if n != 'epoch'}
+    assert recorded == changed and all(c['epoch'] == 2 for c in resumed['config_changes']), overrides
 
 
 # ---------------------------------------------------------------- the tools: mnist_classifier.py, benchmarks/speed.py
