@@ -3,7 +3,6 @@ import errno
 import json
 import math
 import os
-import re
 import shlex
 import time
 import zlib
@@ -11,7 +10,7 @@ import zlib
 import torch
 
 from plumbing.data import evenly_spaced, require_a_batch
-from plumbing.files import atomic_write, save_json
+from plumbing.files import atomic_write, remove_dead_temporaries, save_json
 from plumbing.machine import fail, progress, writes_files
 
 
@@ -94,7 +93,8 @@ def image_folder_tensor(folder, size, command, elsewhere=None):
     data_path = os.path.normpath(folder) + '.u8'
     index = {'fingerprint': fingerprint, 'shape': [len(paths), 3, size, size]}
     if writes_files() and not cache_is_sound(index, data_path):
-        remove_dead_temporaries(data_path)
+        cache_name = os.path.splitext(os.path.basename(data_path))[0]  # faces: faces.tmp123.u8, faces.u8.tmp123.json
+        remove_dead_temporaries(os.path.dirname(data_path), prefix=cache_name + '.')
         made_here = read_settings(folder) is not None
         decode_into(data_path, paths, index['shape'], folder, command if made_here else None,
                     elsewhere or f"make it with: {command}")
@@ -148,45 +148,6 @@ def file_crc32(path):
         while chunk := f.read(1 << 24):
             crc = zlib.crc32(chunk, crc)
     return crc
-
-
-def temporary_names(data_path):
-    """The pattern of the temporary files atomic_write makes for the cache and its index (faces.tmp123.u8,
-    faces.u8.tmp123.json), the writer's PID as its group."""
-    base = os.path.basename(data_path)
-    root, extension = os.path.splitext(base)
-    return re.compile(rf"(?:{re.escape(root)}\.tmp(\d+){re.escape(extension)}|{re.escape(base)}\.tmp(\d+)\.json)")
-
-
-def is_running(pid):
-    try:
-        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def remove_dead_temporaries(data_path):
-    """Remove the temporary files a killed build left beside the cache (2.5 GB for all of CelebA): those
-    whose writer's PID runs no process now. A live PID's file is kept: it may be another build's, or
-    a new process that reuses the PID, and then it stays until that process ends. Only on POSIX, where
-    os.kill(pid, 0) asks without signalling (on Windows it would send a Ctrl-C)."""
-    if os.name != 'posix':
-        return
-    folder = os.path.dirname(data_path) or '.'
-    pattern = temporary_names(data_path)
-    freed = []
-    for name in os.listdir(folder):
-        match = pattern.fullmatch(name)
-        if match and not is_running(int(match.group(1) or match.group(2))):
-            path = os.path.join(folder, name)
-            freed.append(os.path.getsize(path))
-            os.remove(path)
-    if freed:
-        print(f"removed {len(freed)} temporary file(s) of {sum(freed) / 1e6:.0f} MB left beside {data_path} "
-              f"by a build that was killed", flush=True)
 
 
 def reserve(f, size):

@@ -5,6 +5,7 @@ import errno
 import io
 import json
 import os
+import re
 import sys
 import warnings
 import zipfile
@@ -35,6 +36,38 @@ def atomic_write(path, write):
     finally:
         if os.path.lexists(temp):
             os.remove(temp)
+
+
+TEMPORARY = re.compile(r'.+\.tmp(\d+)(\.\w+)?')  # atomic_write's temporary files, its writer's PID the group
+
+
+def remove_dead_temporaries(folder, prefix=''):
+    """Remove the temporary files of atomic writes that a killed process left in folder (a checkpoint's,
+    or 2.5 GB of CelebA cache), those starting with prefix whose writer's PID runs no process now. A live
+    PID's file is kept: it may be another process's write in progress. Only on POSIX, where
+    os.kill(pid, 0) asks without signalling (on Windows it would send a Ctrl-C)."""
+    if os.name != 'posix' or not os.path.isdir(folder or '.'):
+        return
+    freed = []
+    for name in os.listdir(folder or '.'):
+        match = TEMPORARY.fullmatch(name)
+        if name.startswith(prefix) and match and not is_running(int(match.group(1))):
+            path = os.path.join(folder, name)
+            freed.append(os.path.getsize(path))
+            os.remove(path)
+    if freed:
+        print(f"removed {len(freed)} temporary file(s) of {sum(freed) / 1e6:.0f} MB left in {folder or '.'}/ "
+              f"by a process that was killed", flush=True)
+
+
+def is_running(pid):
+    try:
+        os.kill(pid, 0)  # signal 0 sends nothing: it only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def save_json(obj, path):

@@ -7,7 +7,8 @@ import sys
 
 import torch
 
-from plumbing.files import is_state_dict, load_torch, lock_folder, make_folder, output_failed, save_json, save_torch
+from plumbing.files import (is_state_dict, load_torch, lock_folder, make_folder, output_failed,
+                            remove_dead_temporaries, save_json, save_torch)
 from plumbing.images import plot_curves, save_animation, save_grid
 from plumbing.interrupts import Stopped
 from plumbing.machine import barrier, fail, gather, rank, world_size, writes_files
@@ -53,6 +54,8 @@ class RunFolder:
         if writes_files():
             make_folder(self.dir)
             self.lock = lock_folder(self.dir)  # open until the process ends, and the lock with it
+            for folder in (self.dir, self.path('Fixed_results'), self.path('Random_results')):
+                remove_dead_temporaries(folder)
 
     def path(self, *parts):
         return os.path.join(self.dir, *parts)

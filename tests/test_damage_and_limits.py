@@ -193,3 +193,17 @@ def test_a_run_is_pinned_to_the_classifier_that_scores_it(work, script_server, m
                    f'(sha256 ffffffffffff..., now {shipped[:12]}...): its fid would not compare with this run\'s; put '
                    f'that classifier back, or pass --resume=false or another --results_dir')
     assert folder_state(work) == before
+
+
+def test_a_run_removes_what_a_killed_run_s_saves_left_behind(work, script_server, mnist_dir):
+    from test_celeba_hardening import dead_pid
+    dead, alive = dead_pid(), os.getpid()
+    out = work / 'out'
+    left = [out / f'checkpoint.tmp{dead}.pt', out / 'Fixed_results' / f'MNIST_GAN_2.tmp{dead}.png']
+    kept = [out / f'MNIST_GAN_generated.tmp{alive}.png', out / 'notes.txt']
+    for path in left + kept:
+        path.write_bytes(b'\0' * 1000)
+    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 1), work)
+    assert result['status'] == 0, result['stderr']
+    assert 'removed 1 temporary file(s) of 0 MB left in out/ by a process that was killed' in result['stdout']
+    assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
