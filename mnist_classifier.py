@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from plumbing.config import configure
 from plumbing.data import load_mnist, resize_images, shuffled_batches, to_unit_range
-from plumbing.files import is_state_dict, load_torch, save_torch
+from plumbing.files import load_state_dict, save_torch
 from plumbing.images import plot_curves
 from plumbing.machine import fail, pick_device, progress, synchronize
 
@@ -87,9 +87,7 @@ def load_classifier(path, run_device):
         fail(f"no trained MNIST classifier at {path}; run python mnist_classifier.py to train it")
     model = Classifier()
     retrain = "run python mnist_classifier.py to train it again"
-    state = load_torch(path, retrain)
-    if not is_state_dict(state):
-        fail(f"{path} is damaged: it holds no state_dict of weights; {retrain}")
+    state = load_state_dict(path, retrain)
     try:
         model.load_state_dict(state)
     except RuntimeError:

@@ -151,6 +151,14 @@ def is_state_dict(state):
     return isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
+def load_state_dict(path, remedy):
+    """The state_dict of weights torch.save wrote to path, or stop with one line ending in remedy."""
+    state = load_torch(path, remedy)
+    if not is_state_dict(state):
+        fail(f"{path} is damaged: it holds no state_dict of weights; {remedy}")
+    return state
+
+
 def generator_weights(results_dir, model_name, generate_from):
     """The generator file --generate samples from: the best by fid, or the last epoch's."""
     if generate_from not in ('best', 'last'):
@@ -173,16 +181,14 @@ def load_weights(model, path):
     """
     if not os.path.exists(path):
         fail(f"no trained generator at {path}; train first (run the script without --generate)")
-    retrain = "delete it and train again (run the script without --generate)"
-    state = load_torch(path, retrain)
-    if not is_state_dict(state):
-        fail(f"{path} is damaged: it holds no state_dict of weights; {retrain}")
+    state = load_state_dict(path, "delete it and train again (run the script without --generate)")
     try:
         model.load_state_dict(state)
     except RuntimeError:
         fail(f"{path} was trained with other model constants (z_dim, d, img_size, ...) or by another script; "
              f"pass the constants it was trained with (its *_train_hist.json lists them) or another --results_dir")
     return model
+
 
 LOCK_FILE = 'run.lock'
 

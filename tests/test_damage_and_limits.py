@@ -10,28 +10,15 @@ import sys
 import pytest
 import torch
 
-from conftest import OFFLINE, REPO, copy_results, folder_state, write_idx
+from conftest import OFFLINE, REPO, folder_state, write_idx
 from plumbing import files
 from plumbing.folder import RunFolder
 from plumbing.interrupts import Stopped
 from plumbing.run import Run
+from test_hardening import trained, work  # noqa: F401  (fixtures: out/ trained one tiny epoch, a copy)
 from test_hardening import assert_refused, tiny
 
 ENV = {**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
-
-
-@pytest.fixture(scope='module')
-def trained(script_server, mnist_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp('damage')
-    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 1), work)
-    assert result['status'] == 0, result['stderr']
-    return work
-
-
-@pytest.fixture
-def work(trained, tmp_path):
-    copy_results(trained, tmp_path / 'work')
-    return tmp_path / 'work'
 
 
 def damage(path, offset, data):

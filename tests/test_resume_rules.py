@@ -11,24 +11,10 @@ import sys
 import pytest
 import torch
 
-from conftest import OFFLINE, REPO, copy_results, folder_state
+from conftest import OFFLINE, REPO, folder_state
 from plumbing.folder import RunFolder
+from test_hardening import trained, work  # noqa: F401  (fixtures: out/ trained one tiny epoch, a copy)
 from test_hardening import assert_refused, start, tiny, wait_for_line
-
-
-@pytest.fixture(scope='module')
-def trained(script_server, mnist_dir, tmp_path_factory):
-    """A working folder whose out/ holds mnist_gan.py trained one tiny epoch."""
-    work = tmp_path_factory.mktemp('resume_rules')
-    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 1), work)
-    assert result['status'] == 0, result['stderr']
-    return work
-
-
-@pytest.fixture
-def work(trained, tmp_path):
-    copy_results(trained, tmp_path / 'work')
-    return tmp_path / 'work'
 
 
 def history(folder, model='MNIST_GAN'):
