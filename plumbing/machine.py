@@ -1,5 +1,6 @@
-"""The machine a run uses: its device and precision, its processes under torchrun, and fail(), the
-one-line stop that every part of the collection uses (under torchrun, rank 0 alone says it)."""
+"""The machine a run uses: its device and precision, its processes under torchrun, its stdout (a progress
+bar on a terminal; a lost reader is no reason to stop), and fail(), the one-line stop that every part of
+the collection uses (under torchrun, rank 0 alone says it)."""
 import atexit
 import contextlib
 import datetime
@@ -254,6 +255,40 @@ class World:
 
 
 # ---------------------------------------------------------------- watching it run
+
+class _LosableStdout:
+    """sys.stdout that, once its reader has gone (`python mnist_gan.py | head -1`), sends what follows
+    to os.devnull instead of raising BrokenPipeError: losing the output must not stop a training."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._lost()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._lost()
+
+    def _lost(self):
+        # Onto the descriptor itself, so the interpreter's last flush at exit finds a file that takes it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def keep_training_without_stdout():
+    if not isinstance(sys.stdout, _LosableStdout):
+        sys.stdout = _LosableStdout(sys.stdout)
+
+
 
 def progress(iterable, description):
     """A tqdm bar when a person watches stdout; silent in logs and CI."""

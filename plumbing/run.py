@@ -1,10 +1,10 @@
 """The run a training script's loop calls around its step: main() (the whole __main__ of a script), Run
-(precision, the models' set-up, the epochs and batches, each epoch's record) and the GAN bookkeeping it
-keeps (the moving average of G, the epoch means, the collapse report)."""
+(precision, the models' set-up, the epochs and batches, each epoch's record, the one line that ends an
+interrupted run or one out of memory) and the GAN bookkeeping it keeps (the moving average of G, the
+epoch means, the collapse report)."""
 import math
 import os
 import re
-import sys
 import time
 
 import torch
@@ -17,7 +17,8 @@ from plumbing.folder import RunFolder
 from plumbing.images import save_grid
 from plumbing.interrupts import Stopped
 from plumbing.machine import (World, compile_models, fail, failed_collective, from_rank0, has_fused_adam,
-                              memory_format, mixed_precision, progress, synchronize, world_size)
+                              keep_training_without_stdout, memory_format, mixed_precision, progress, synchronize,
+                              world_size)
 
 
 def main(namespace, train, generate_samples):
@@ -39,39 +40,6 @@ def main(namespace, train, generate_samples):
     else:
         with Run(namespace, world) as run:
             train(run)
-
-
-class _LosableStdout:
-    """sys.stdout that, once its reader has gone (`python mnist_gan.py | head -1`), sends what follows
-    to os.devnull instead of raising BrokenPipeError: losing the output must not stop a training."""
-
-    def __init__(self, stream):
-        self._stream = stream
-
-    def write(self, text):
-        try:
-            return self._stream.write(text)
-        except BrokenPipeError:
-            self._lost()
-            return len(text)
-
-    def flush(self):
-        try:
-            self._stream.flush()
-        except BrokenPipeError:
-            self._lost()
-
-    def _lost(self):
-        # Onto the descriptor itself, so the interpreter's last flush at exit finds a file that takes it.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def keep_training_without_stdout():
-    if not isinstance(sys.stdout, _LosableStdout):
-        sys.stdout = _LosableStdout(sys.stdout)
 
 
 def model_name(namespace):
