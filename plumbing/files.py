@@ -135,10 +135,10 @@ def load_torch(path, remedy):
     with f, warnings.catch_warnings():
         try:
             damaged = zipfile.ZipFile(f).testzip()
-        except (zipfile.BadZipFile, EOFError, OSError) as e:
-            damaged = str(e) or 'its archive'
+        except (zipfile.BadZipFile, EOFError, OSError):  # no archive at all: torch.load says what it is
+            damaged = None
         if damaged is not None:
-            fail(f"{path} is damaged: its checksums do not match ({damaged}); {remedy}")
+            fail(f"{path} is damaged: its checksums do not match (in {damaged}); {remedy}")
         f.seek(0)
         warnings.simplefilter('ignore')  # torch warns of a pickle protocol before refusing the file anyway
         try:

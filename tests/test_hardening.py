@@ -366,7 +366,8 @@ def test_celeba_preprocess_on_a_full_disk_stops_with_one_line_and_no_partial_fac
     assert result.returncode == 1
     assert result.stderr == ('error: cannot write out/female/000001.jpg (File too large); free some space '
                              '(or lift the limit on file sizes), then run the same command again\n')
-    assert [path for path in (tmp_path / 'out').rglob('*') if path.is_file()] == []  # no cut face, no temp file
+    written = [path for path in (tmp_path / 'out').rglob('*') if path.is_file()]
+    assert written == [tmp_path / 'out' / 'celeba_preprocess.json']  # its settings, and no cut face, no temp file
 
 
 def test_a_write_the_system_refuses_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, capsys):

@@ -273,6 +273,15 @@ def test_a_resumed_run_equals_an_uninterrupted_one(trained, mnist_dir, tmp_path,
     assert 'already trained 2 epochs' in capsys.readouterr().out
 
 
+def as_if_made_with(checkpoint, **constants):
+    """Rewrite a checkpoint as if its run had been started with these constants: a resume refuses to change
+    the experiment's, so a test that wrecks a run midway (an absurd lr) makes the run's own say so."""
+    state = torch.load(checkpoint, weights_only=True)
+    state['config'].update(constants)
+    checkpoint.unlink()
+    torch.save(state, checkpoint)
+
+
 def test_a_forced_collapse_is_reported_and_the_best_generator_kept(mnist_dir, tmp_path):
     out = tmp_path / 'collapsing'
     args = tiny_args('mnist_cgan.py', mnist_dir, out, 2)
@@ -280,6 +289,7 @@ def test_a_forced_collapse_is_reported_and_the_best_generator_kept(mnist_dir, tm
     best_before = (out / 'MNIST_cGAN_generator_best.pt').read_bytes()
     best_epoch = min(history(out, 'MNIST_cGAN')['epochs'], key=lambda e: e['fid'])['epoch']
     # An absurd learning rate wrecks the generator in one epoch; its fid soars over its best.
+    as_if_made_with(out / 'checkpoint.pt', lr=0.5)
     collapse = ['--train_epoch=6', '--lr=0.5', '--collapse_factor=1.3', '--stop_on_collapse=true']
     result = run_script('mnist_cgan.py', *args, *collapse, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -370,6 +380,7 @@ def test_a_checkpoint_of_other_constants_gets_one_line(mnist_dir, tmp_path):
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path):
     out = tmp_path / 'diverged'
     assert run_script('mnist_gan.py', *tiny_args('mnist_gan.py', mnist_dir, out, 1), cwd=tmp_path).returncode == 0
+    as_if_made_with(out / 'checkpoint.pt', lr=1e30)
     result = run_script('mnist_gan.py', *tiny_args('mnist_gan.py', mnist_dir, out, 3), '--lr=1e30', cwd=tmp_path)
     assert result.returncode == 1 and 'Traceback' not in result.stderr
     assert 'training diverged' in result.stderr and 'epoch 1 is kept' in result.stderr

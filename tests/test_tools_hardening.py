@@ -141,8 +141,8 @@ def test_a_batch_of_all_the_classifiers_data_trains(script_server, tiny_mnist, t
 def test_a_single_training_image_is_one_line_that_asks_for_no_impossible_batch(script_server, tmp_path):
     data = write_mnist(tmp_path / 'data', fake_digits, 1, 32)
     result = script_server('mnist_classifier.py', train_args(data, 'w.pt'), tmp_path)
-    assert_refused(result, 1, f"{data}/MNIST/raw holds 1 training image, fewer than the 2 of the smallest batch; "
-                              f"replace its files with a good copy of MNIST, or delete them to download it again")
+    assert_refused(result, 1, f"{data}/MNIST/raw/train-images-idx3-ubyte.gz holds 1 image(s), too few to train or "
+                              f"measure with; replace it with a good copy, or delete it to download MNIST again")
     assert not (tmp_path / 'w.pt').exists()
 
 
