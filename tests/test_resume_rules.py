@@ -25,7 +25,8 @@ def history(folder, model='MNIST_GAN'):
                                               ('--seed=7', 'seed=0 (now 7)'),
                                               ('--batch_size=16', 'batch_size=32 (now 16)'),
                                               ('--ema_decay=0.5', 'ema_decay=0.999 (now 0.5)'),
-                                              ('--label_smoothing=0.3', 'label_smoothing=0.0 (now 0.3)')])
+                                              ('--label_smoothing=0.3', 'label_smoothing=0.0 (now 0.3)')],
+                         ids=['lr', 'seed', 'batch_size', 'ema_decay', 'label_smoothing'])
 def test_a_resume_refuses_a_changed_experiment_constant_naming_it(work, script_server, mnist_dir, override, before):
     state = folder_state(work)
     assert_refused(script_server('mnist_gan.py', tiny(mnist_dir, 'out', 2, override), work), 1,
