@@ -62,11 +62,13 @@ def cuda_has_native_bf16():
 
 def ddp_keeps_buffers_local():
     """The DistributedDataParallel keyword that stops it broadcasting rank 0's buffers (BatchNorm's running
-    statistics) to every process at each forward.
+    statistics) to every process at each forward; each process keeps statistics of its own share.
 
-    The training step needs that: D runs on the real and on the fake batch before one backward, and a
-    broadcast at the second forward would modify in place the running statistics that the first forward's
-    batch_norm saved for backward (an autograd error). Each process then keeps statistics of its own share.
+    The training step needs that: D runs on the real and on the fake batch before one backward, and on
+    torch 2.4 the broadcast at the second forward modifies in place the running statistics that the first
+    forward's batch_norm saved for backward, so the backward fails ("modified by an inplace operation";
+    seen with gloo on 2.4.1). The newest torch no longer fails there, but would still replace every
+    process's statistics with rank 0's at each forward.
     """
     # torch 2.13 added forward_sync_buffers and deprecated broadcast_buffers (a FutureWarning). Both stop the
     # broadcast at each forward; broadcast_buffers=False also skips the one broadcast of buffers when DDP is
