@@ -10,6 +10,9 @@ from plumbing import interrupts
 # Ctrl-C, even while torch loads, is one line and not a traceback.
 interrupts.make_start_up_interrupts_one_line()
 
+# numpy before torch: torch 2.4 imports numpy from its C code, which drops a Ctrl-C that lands there.
+import numpy  # noqa: E402,F401
+
 from plumbing.celeba import load_celeba  # noqa: E402
 from plumbing.data import evenly_spaced, mnist_training_set  # noqa: E402
 from plumbing.images import sample, square_side  # noqa: E402

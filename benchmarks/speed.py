@@ -25,7 +25,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from plumbing import config, files, machine  # noqa: E402  (the repository root is put on the path first)
+from plumbing import config, files, machine, torch_compat  # noqa: E402  (the repository root is put on the path first)
 
 scripts = 'mnist_gan.py,mnist_cgan.py,mnist_dcgan.py,mnist_cdcgan.py,celeba_dcgan.py,celeba_cdcgan.py'  # comma-separated
 precisions = ''           # comma-separated; '' = those the device runs natively: fp32 and bf16 (and fp16 on CUDA)
@@ -196,7 +196,7 @@ def run_script(script, data_dir, results_dir, precision, layout, memory_format, 
 
 def native_precisions(device):
     if device.type == 'cuda':
-        return ['fp32', 'bf16', 'fp16'] if torch.cuda.is_bf16_supported(including_emulation=False) else ['fp32', 'fp16']
+        return ['fp32', 'bf16', 'fp16'] if torch_compat.cuda_has_native_bf16() else ['fp32', 'fp16']
     return ['fp32', 'bf16']
 
 

@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from plumbing import torch_compat
 from plumbing.interrupts import raise_stopped
 
 
@@ -53,8 +54,7 @@ def pick_device(choice, local_rank=None):
         cause = str(e).splitlines()[0].split('. ')[0]  # torch's first sentence: its advice is for developers
         fail(f"device {choice!r} is not usable here ({cause}); use --device=auto or cpu")
     if device.type == 'cuda':
-        torch.backends.cuda.matmul.fp32_precision = 'tf32'
-        torch.backends.cudnn.conv.fp32_precision = 'tf32'
+        torch_compat.use_tf32()
         torch.backends.cudnn.benchmark = True
     return device
 
@@ -62,13 +62,7 @@ def pick_device(choice, local_rank=None):
 PRECISIONS = ('auto', 'bf16', 'fp16', 'fp32')
 
 
-def cpu_bf16_instructions():
-    """The CPU's native bf16 matrix instructions ('AMX' or 'AVX512_BF16'), or None: without them bf16 is
-    emulated and runs slower than fp32."""
-    for name, supported in (('AMX', '_is_amx_tile_supported'), ('AVX512_BF16', '_is_avx512_bf16_supported')):
-        if getattr(torch.cpu, supported, lambda: False)():
-            return name
-    return None
+cpu_bf16_instructions = torch_compat.cpu_bf16_instructions  # a name of its own here: tests mock it
 
 
 def choose_precision(choice, device, bf16_by_default=True):
@@ -80,7 +74,7 @@ def choose_precision(choice, device, bf16_by_default=True):
         return None, "this model trains in fp32 unless asked (--precision=bf16): see the README's Speed section"
     if device.type == 'cuda':
         gpu = torch.cuda.get_device_name(device)
-        has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        has_bf16 = torch_compat.cuda_has_native_bf16()
         if choice == 'bf16' and not has_bf16:
             fail(f"--precision=bf16: this GPU ({gpu}) has no bf16; use --precision=fp16 or auto", 2)
         if choice == 'auto':
@@ -240,9 +234,10 @@ class World:
     def parallel(self, model):
         """model in DistributedDataParallel when there are several processes, else model itself.
 
-        forward_sync_buffers=False: D runs on the real and on the fake batch before one backward, and
-        DDP's default re-broadcast of BatchNorm's running statistics at the second forward would
-        modify in place a tensor the first one saved for backward. So each process keeps BatchNorm
+        No buffers broadcast at each forward (torch_compat.ddp_keeps_buffers_local): D runs on the real and
+        on the fake batch before one backward, and DDP's default re-broadcast of BatchNorm's running
+        statistics at the second forward would modify in place a tensor the first one saved for backward.
+        So each process keeps BatchNorm
         statistics of its own share (training normalises by the batch's own statistics either way),
         unless sync_batchnorm computes them over the global batch (GPUs only).
         """
@@ -251,7 +246,8 @@ class World:
         if self.sync_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[self.device] if self.device.type == 'cuda' else None, forward_sync_buffers=False)
+            model, device_ids=[self.device] if self.device.type == 'cuda' else None,
+            **torch_compat.ddp_keeps_buffers_local())
 
 
 # ---------------------------------------------------------------- watching it run

@@ -27,6 +27,7 @@ def gpu_with(monkeypatch):
     """Pretend to be on a GPU that has, or has not, bf16."""
     def pretend(has_bf16):
         monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Some GPU')
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
         monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: has_bf16)
     return pretend
 
@@ -74,8 +75,8 @@ def test_asked_for_precisions_are_taken_as_asked_and_a_slow_choice_says_so(cpu_w
 
 def test_the_cpu_instructions_are_read_from_torch(monkeypatch):
     for amx, avx512_bf16, expected in ((True, True, 'AMX'), (False, True, 'AVX512_BF16'), (False, False, None)):
-        monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda amx=amx: amx)
-        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda b=avx512_bf16: b)
+        monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda b=avx512_bf16: b, raising=False)
         assert machine.cpu_bf16_instructions() == expected
 
 

@@ -188,6 +188,7 @@ def test_the_benchmark_refuses_bf16_on_a_gpu_without_it_before_measuring(monkeyp
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)
     monkeypatch.setattr(speed.machine, 'pick_device', lambda choice: torch.device('cuda'))
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation: False)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: 'Tesla T4')
     monkeypatch.setattr(speed, 'precisions', 'fp32,bf16')
