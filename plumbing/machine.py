@@ -236,10 +236,10 @@ class World:
 
         No buffers broadcast at each forward (torch_compat.ddp_keeps_buffers_local): D runs on the real and
         on the fake batch before one backward, and DDP's default re-broadcast of BatchNorm's running
-        statistics at the second forward would modify in place a tensor the first one saved for backward.
-        So each process keeps BatchNorm
-        statistics of its own share (training normalises by the batch's own statistics either way),
-        unless sync_batchnorm computes them over the global batch (GPUs only).
+        statistics at the second forward modifies in place a tensor the first one saved for backward (an
+        autograd error on torch 2.4; newer torch overwrites each process's statistics). So each process
+        keeps BatchNorm statistics of its own share (training normalises by the batch's own statistics
+        either way), unless sync_batchnorm computes them over the global batch (GPUs only).
         """
         if self.size == 1:
             return model
