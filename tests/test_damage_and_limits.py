@@ -194,3 +194,29 @@ def test_a_run_removes_what_a_killed_run_s_saves_left_behind(work, script_server
     assert result['status'] == 0, result['stderr']
     assert 'removed 1 temporary file(s) of 0 MB left in out/ by a process that was killed' in result['stdout']
     assert not any(path.exists() for path in left) and all(path.exists() for path in kept)
+
+
+def test_only_a_failed_collective_is_an_interruption(monkeypatch):
+    from plumbing import machine
+    from plumbing.run import is_interruption
+    gloo = RuntimeError('[../third_party/gloo/gloo/transport/tcp/pair.cc:525] Read error [127.0.0.1]:8623: '
+                        'Connection reset by peer')
+    bug = RuntimeError('mat1 and mat2 shapes cannot be multiplied (32x100 and 10x256)')
+    assert is_interruption(KeyboardInterrupt()) and is_interruption(Stopped())
+    assert not is_interruption(gloo) and not is_interruption(bug)  # one process: no collective to fail
+    monkeypatch.setattr(machine, 'world_size', lambda: 2)
+    assert is_interruption(gloo) and is_interruption(torch.distributed.DistBackendError('NCCL error'))
+    assert not is_interruption(bug) and not is_interruption(ValueError('a bug'))  # seen in full, under torchrun too
+
+
+def test_a_checkpoint_from_before_the_resume_records_resumes(work, script_server, mnist_dir):
+    checkpoint = work / 'out' / 'checkpoint.pt'
+    state = torch.load(checkpoint, weights_only=True)
+    for newer in ('config_changes', 'yardstick'):  # fields added since: an older checkpoint lacks them
+        del state[newer]
+    checkpoint.unlink()
+    torch.save(state, checkpoint)
+    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 2), work)
+    assert result['status'] == 0, result['stderr']
+    assert 'resuming after epoch 1' in result['stdout']
+    assert torch.load(checkpoint, weights_only=True)['epoch'] == 2

@@ -180,3 +180,13 @@ def test_sync_batchnorm_on_cpus_is_one_line(mnist_dir, tmp_path):
     outputs = [process.communicate(timeout=120) for process in processes]
     assert [process.returncode for process in processes] == [2, 2]
     assert outputs[0][1] == "error: --sync_batchnorm=True needs GPUs: gloo, the CPUs' backend, cannot run SyncBatchNorm\n"
+
+
+def test_a_batch_share_of_one_image_is_one_line_and_status_2(mnist_dir, tmp_path):
+    processes = launch_by_hand('mnist_cgan.py', [f'--data_dir={mnist_dir}', f'--results_dir={tmp_path / "out"}',
+                                                 '--batch_size=2'], tmp_path)
+    outputs = [process.communicate(timeout=120) for process in processes]
+    assert [process.returncode for process in processes] == [2, 2]
+    assert outputs[0][1] == ("error: batch_size=2 over 2 processes leaves each one image a step, and BatchNorm needs "
+                             "2 at least: pass --batch_size=4 or more, or start fewer processes\n")
+    assert not (tmp_path / 'out').exists()
