@@ -137,7 +137,8 @@ def generate_samples(run):
 
 
 def train(run):
-    images, labels = common.load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, run.device)  # uint8
+    # images, labels: uint8 (N, 3, 64, 64), int64 (N,), on the device where they fit
+    images, labels = common.load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, run.device)
     G = Generator(z_dim, d).to(run.device, memory_format=run.memory_format)
     D = Discriminator(d).to(run.device, memory_format=run.memory_format)
     opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)

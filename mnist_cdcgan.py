@@ -123,7 +123,8 @@ def generate_samples(run):
 
 
 def train(run):
-    images, labels = common.mnist_training_set(data_dir, img_size, train_limit, batch_size, run.device)  # uint8
+    # images, labels: uint8 (N, 1, 32, 32), int64 (N,), on the device
+    images, labels = common.mnist_training_set(data_dir, img_size, train_limit, batch_size, run.device)
     G = Generator(z_dim, d).to(run.device, memory_format=run.memory_format)
     D = Discriminator(d).to(run.device, memory_format=run.memory_format)
     opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)

@@ -115,7 +115,8 @@ def generate_samples(run):
 
 
 def train(run):
-    images, labels = common.mnist_training_set(data_dir, img_size, train_limit, batch_size, run.device)  # uint8
+    # images, labels: uint8 (N, 1, 28, 28), int64 (N,), on the device
+    images, labels = common.mnist_training_set(data_dir, img_size, train_limit, batch_size, run.device)
     G = Generator(z_dim, img_size).to(run.device)
     D = Discriminator(img_size).to(run.device)
     opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)

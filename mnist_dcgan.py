@@ -105,7 +105,8 @@ def generate_samples(run):
 
 
 def train(run):
-    images, _ = common.mnist_training_set(data_dir, img_size, train_limit, batch_size, run.device)  # uint8
+    # images: uint8 (N, 1, 64, 64), on the device
+    images, _ = common.mnist_training_set(data_dir, img_size, train_limit, batch_size, run.device)
     G = Generator(z_dim, d).to(run.device, memory_format=run.memory_format)
     D = Discriminator(d).to(run.device, memory_format=run.memory_format)
     opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)

@@ -89,7 +89,8 @@ def generate_samples(run):
 
 
 def train(run):
-    images, _ = common.mnist_training_set(data_dir, img_size, train_limit, batch_size, run.device)  # uint8 (N, 1, H, W)
+    # images: uint8 (N, 1, 28, 28), on the device
+    images, _ = common.mnist_training_set(data_dir, img_size, train_limit, batch_size, run.device)
     G, D = Generator(z_dim, img_size).to(run.device), Discriminator(img_size).to(run.device)
     opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
     opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
