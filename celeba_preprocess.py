@@ -22,6 +22,7 @@ import time
 import zipfile
 from collections import Counter
 from io import BytesIO
+import multiprocessing
 from multiprocessing import Pool
 
 from PIL import Image, ImageChops, ImageStat, UnidentifiedImageError
@@ -143,10 +144,16 @@ def too_small(im, crop):
     return crop and (im.width < CROP_SIDE or im.height < CROP_SIDE)
 
 
+stop_requested = None  # in a worker: the main process's multiprocessing.Event, set when the rest is to be skipped
+
+
 def convert(job, zip_path, size, crop):
     """Write one resized face atomically; return (name, None, None), or (name, 'corrupt', why) if the source
-    is damaged, or (name, 'small', 'WxH') if it is too small for the crop box."""
+    is damaged, (name, 'small', 'WxH') if it is too small for the crop box, (name, 'unwritable', OSError) if
+    the face could not be written, or (name, 'skipped', None) once the main process asked the workers to stop."""
     name, source, target = job
+    if stop_requested.is_set():
+        return name, 'skipped', None
     try:
         with Image.open(BytesIO(open_zip(zip_path).read(source)) if zip_path else source) as im:
             if too_small(im, crop):
@@ -164,26 +171,41 @@ def convert(job, zip_path, size, crop):
             f.write(jpeg.getbuffer())
         os.replace(temp, target)
     except OSError as e:  # a full disk, no permission: the main process stops with one line naming the target
-        raise OSError(e.errno, e.strerror, target) from None
+        return name, 'unwritable', OSError(e.errno, e.strerror, target)
     finally:  # and leaves no temp file
         if os.path.lexists(temp):
             os.remove(temp)
     return name, None, None
 
 
-def ignore_interrupt():
+def start_worker(stop):
     """Leave Ctrl-C and SIGTERM to the main process, which stops the pool: no traceback from every worker.
-    SIGTERM ends a worker the default way, silently: it is how the pool's terminate() stops them."""
+    Keep the main process's stop flag, which convert checks before each face."""
+    global stop_requested
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    stop_requested = stop
 
 
 def convert_all(jobs, zip_path, size, crop, processes):
-    """Run convert over the jobs on all processes, with a progress bar; return its results."""
+    """Run convert over the jobs on all processes, with a progress bar; return its results. After a failed
+    write, Ctrl-C or SIGTERM the workers skip what is left, and the pool ends by close() and join(): its
+    terminate() can hang, killing a worker that holds the task queue's lock."""
     work = functools.partial(convert, zip_path=zip_path, size=size, crop=crop)
     chunk = max(1, min(64, len(jobs) // (4 * processes)))  # big enough to save IPC, small enough to share out
-    with Pool(processes, initializer=ignore_interrupt) as pool:
-        return list(tqdm(pool.imap_unordered(work, jobs, chunk), total=len(jobs), unit='img', disable=None))
+    stop = multiprocessing.Event()
+    pool = Pool(processes, initializer=start_worker, initargs=(stop,))
+    results = []
+    try:
+        for result in tqdm(pool.imap_unordered(work, jobs, chunk), total=len(jobs), unit='img', disable=None):
+            results.append(result)
+            if result[1] == 'unwritable':
+                stop.set()
+    finally:
+        stop.set()
+        pool.close()
+        pool.join()
+    return results
 
 
 # ---------------------------------------------------------------- the output folder
@@ -317,10 +339,10 @@ def preprocess():
             missing.append(name)
         else:
             jobs.append((name, available[name], os.path.join(out, cls, name)))
-    try:
-        results = convert_all(jobs, zip_path, img_size, isCrop, workers or os.cpu_count()) if jobs else []
-    except OSError as e:  # a worker could not write a face: a full disk, no permission
-        output_failed(e.filename or out, e)
+    results = convert_all(jobs, zip_path, img_size, isCrop, workers or os.cpu_count()) if jobs else []
+    unwritable = [error for _, problem, error in results if problem == 'unwritable']
+    if unwritable:  # a worker could not write a face: a full disk, no permission
+        output_failed(unwritable[0].filename, unwritable[0])
 
     seconds = time.time() - started
     written = Counter(CLASSES[genders[name]] for name, problem, _ in results if problem is None)

@@ -370,6 +370,22 @@ def test_celeba_preprocess_on_a_full_disk_stops_with_one_line_and_no_partial_fac
     assert written == [tmp_path / 'out' / 'celeba_preprocess.json']  # its settings, and no cut face, no temp file
 
 
+def test_after_a_failed_write_the_preprocessing_workers_skip_the_rest_and_end_without_terminate(tmp_path):
+    import multiprocessing
+    import celeba_preprocess
+    from test_celeba_preprocess import fake_face
+    source = tmp_path / 'face.jpg'
+    source.write_bytes(fake_face(1))
+    jobs = [(f'{i:06d}.jpg', str(source), str(tmp_path / 'no_such_folder' / f'{i:06d}.jpg')) for i in range(800)]
+    results = celeba_preprocess.convert_all(jobs, None, 64, False, processes=1)
+    problems = [problem for _, problem, _ in results]
+    assert len(results) == len(jobs) and set(problems) == {'unwritable', 'skipped'}
+    assert problems.count('skipped') >= 400  # the flag stopped the worker within its next 64-image chunk or two
+    error = results[0][2]
+    assert (error.errno, error.filename) == (errno.ENOENT, jobs[0][2])
+    assert multiprocessing.active_children() == []  # closed and joined
+
+
 def test_a_write_the_system_refuses_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, capsys):
     target = tmp_path / 'history.json'
     files.save_json({'epochs': 1}, str(target))
