@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from plumbing.config import configure
 from plumbing.data import load_mnist, resize_images, shuffled_batches, to_unit_range
-from plumbing.files import load_state_dict, save_torch
+from plumbing.files import check_output_path, load_state_dict, save_torch
 from plumbing.images import plot_curves
 from plumbing.machine import fail, pick_device, progress, synchronize
 
@@ -231,16 +231,7 @@ def check_weights_path():
     """Stop with one line, before any training, where --weights could not be written or names a file that is
     there already and --overwrite=True was not passed: an hour of training must not end at the save."""
     path = weights
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        fail(f"--weights={path} is a folder; pass the path of a file, like "
-             f"--weights={os.path.join(path, os.path.basename(RETRAINED_WEIGHTS))}", 2)
-    if not os.path.isdir(folder):
-        what = ("is a file, not a folder; move it away" if os.path.exists(folder) else
-                "does not exist; make that folder")
-        fail(f"--weights={path}: {folder} {what} or pass another --weights", 2)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        fail(f"--weights={path}: cannot write in {folder}; make it writable or pass another --weights")
+    check_output_path('weights', path, path, os.path.basename(RETRAINED_WEIGHTS))
     if os.path.exists(path) and not overwrite:
         if os.path.exists(DEFAULT_WEIGHTS) and os.path.samefile(path, DEFAULT_WEIGHTS):
             fail(f"--weights={path} is the shipped classifier that scores every MNIST run; pass another --weights "

@@ -86,16 +86,7 @@ def parse_layouts(value):
 def output_path():
     """Where the measurements go, checked before they are taken: a run of an hour must not end at the save."""
     path = os.path.join(REPO, output)
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        machine.fail(f"--output={output}: {path} is a folder; pass the path of a file, like "
-                     f"--output={os.path.join(output, 'speed.json')}", 2)
-    if not os.path.isdir(folder):
-        what = ("is a file, not a folder; move it away" if os.path.exists(folder) else
-                "does not exist; make that folder")
-        machine.fail(f"--output={output}: {folder} {what} or pass another --output", 2)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        machine.fail(f"--output={output}: cannot write in {folder}; make it writable or pass another --output")
+    files.check_output_path('output', output, path, 'speed.json')
     return path
 
 

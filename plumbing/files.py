@@ -101,6 +101,21 @@ def make_folder(path):
         output_failed(path, e, 'make the folder')
 
 
+def check_output_path(flag, value, path, example_name):
+    """Stop with one line, before the work, where --flag=value (resolved to path) could not be written: a
+    folder stands there, its folder is missing or a file, or it is not writable. Long work must not end at
+    the save."""
+    named = f"--{flag}={value}" if path == value else f"--{flag}={value}: {path}"
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        fail(f"{named} is a folder; pass the path of a file, like --{flag}={os.path.join(value, example_name)}", 2)
+    if not os.path.isdir(folder):
+        what = "is a file, not a folder; move it away" if os.path.exists(folder) else "does not exist; make that folder"
+        fail(f"--{flag}={value}: {folder} {what} or pass another --{flag}", 2)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        fail(f"--{flag}={value}: cannot write in {folder}; make it writable or pass another --{flag}")
+
+
 _FULL = {errno.ENOSPC, errno.EFBIG, getattr(errno, 'EDQUOT', errno.ENOSPC)}
 
 

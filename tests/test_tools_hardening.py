@@ -109,8 +109,8 @@ def test_the_classifier_checks_its_weights_path_before_training(script_server, t
 def test_the_benchmark_checks_its_output_before_measuring(script_server, tmp_path):
     cases = [(output.replace('.pt', '.json'), line.replace('.pt', '.json').replace('weights', 'output'))
              for output, line in unwritable_outputs(tmp_path, 'weights')] + [
-        (f'{tmp_path}/a_folder', f"--output={tmp_path}/a_folder: {tmp_path}/a_folder is a folder; pass the path of "
-                                 f"a file, like --output={tmp_path}/a_folder/speed.json")]
+        (f'{tmp_path}/a_folder', f"--output={tmp_path}/a_folder is a folder; pass the path of a file, like "
+                                 f"--output={tmp_path}/a_folder/speed.json")]
     before = folder_state(tmp_path)
     for output, line in cases:
         assert_refused(script_server(SPEED, [f'--output={output}'], tmp_path), 2, line)
@@ -121,6 +121,17 @@ def test_a_relative_benchmark_output_is_beneath_the_repository(script_server, tm
     result = script_server(SPEED, ['--output=nowhere/x.json'], tmp_path)
     assert_refused(result, 2, f"--output=nowhere/x.json: {REPO}/nowhere does not exist; make that folder "
                               f"or pass another --output")
+
+
+def test_an_output_folder_without_write_permission_is_one_line_before_the_work(tmp_path, monkeypatch, capsys):
+    from plumbing import files
+    monkeypatch.setattr(files.os, 'access', lambda path, mode: False)  # as for a user without the permission
+    with pytest.raises(SystemExit) as stop:
+        files.check_output_path('weights', f'{tmp_path}/w.pt', f'{tmp_path}/w.pt', 'w.pt')
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == (f"error: --weights={tmp_path}/w.pt: cannot write in {tmp_path}; make it "
+                                       f"writable or pass another --weights\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- 20. bad values: one line naming them, before any work
