@@ -179,8 +179,9 @@ def convert(job, zip_path, size, crop):
 
 
 def start_worker(stop):
-    """Leave Ctrl-C and SIGTERM to the main process, which stops the pool: no traceback from every worker.
-    Keep the main process's stop flag, which convert checks before each face."""
+    """Leave Ctrl-C and SIGTERM to the main process, which stops the pool: no traceback from every worker (a
+    SIGTERM sent to a worker itself ends it the default way, silently). Keep the main process's stop flag,
+    which convert checks before each face."""
     global stop_requested
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
