@@ -22,8 +22,7 @@ import time
 import zipfile
 from collections import Counter
 from io import BytesIO
-import multiprocessing
-from multiprocessing import Pool
+from multiprocessing import Event, Pool
 
 from PIL import Image, ImageChops, ImageStat, UnidentifiedImageError
 from tqdm import tqdm
@@ -144,7 +143,7 @@ def too_small(im, crop):
     return crop and (im.width < CROP_SIDE or im.height < CROP_SIDE)
 
 
-stop_requested = None  # in a worker: the main process's multiprocessing.Event, set when the rest is to be skipped
+stop_requested = None  # in a worker: the main process's Event, set when the rest is to be skipped
 
 
 def convert(job, zip_path, size, crop):
@@ -194,7 +193,7 @@ def convert_all(jobs, zip_path, size, crop, processes):
     terminate() can hang, killing a worker that holds the task queue's lock."""
     work = functools.partial(convert, zip_path=zip_path, size=size, crop=crop)
     chunk = max(1, min(64, len(jobs) // (4 * processes)))  # big enough to save IPC, small enough to share out
-    stop = multiprocessing.Event()
+    stop = Event()
     pool = Pool(processes, initializer=start_worker, initargs=(stop,))
     results = []
     try:

@@ -8,6 +8,7 @@ import errno
 import gzip
 import importlib
 import json
+import multiprocessing
 import os
 import pickle
 import resource
@@ -371,7 +372,6 @@ def test_celeba_preprocess_on_a_full_disk_stops_with_one_line_and_no_partial_fac
 
 
 def test_after_a_failed_write_the_preprocessing_workers_skip_the_rest_and_end_without_terminate(tmp_path):
-    import multiprocessing
     import celeba_preprocess
     from test_celeba_preprocess import fake_face
     source = tmp_path / 'face.jpg'
