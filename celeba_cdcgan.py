@@ -5,6 +5,8 @@ Train:     python celeba_cdcgan.py          (any constant below: --name=value, e
 Sample:    python celeba_cdcgan.py --generate=8
 """
 import common  # first: from here on a Ctrl-C is one line, even while torch loads
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -139,42 +141,51 @@ def generate_samples(run):
 def train(run):
     # images, labels: uint8 (N, 3, 64, 64), int64 (N,), on the device where they fit
     images, labels = common.load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, run.device)
-    G = Generator(z_dim, d).to(run.device, memory_format=run.memory_format)
-    D = Discriminator(d).to(run.device, memory_format=run.memory_format)
-    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
-    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
-    G, D, G_ema, fixed = run.start(G, D, opt_G, opt_D, fixed_inputs)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    G = Generator(z_dim, d).to(run.device, memory_format=memory_format)
+    D = Discriminator(d).to(run.device, memory_format=memory_format)
+    G_ema = common.moving_average(G, ema_decay)  # what the grids, the scores and the saved G sample
+    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=True)
+    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999), fused=True)
+    # Mixed precision, as nanoGPT sets it up: the forward passes under autocast; fp16 alone scales the losses.
+    autocast = torch.autocast(run.device.type, dtype=run.dtype) if run.dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype is torch.float16)
+    if compile:
+        G.compile()  # in place: the state_dict keeps its names
+        D.compile()
+    fixed = run.lock_folder_and_resume(G, D, G_ema, opt_G, opt_D, scaler, fixed_inputs)
+    G, D = run.ddp(G), run.ddp(D)  # under torchrun: DistributedDataParallel, gradients averaged over processes
     run.save_grid('raw_CelebA.png', real_examples(images, labels), nrow=4)
     loss = nn.BCEWithLogitsLoss()
-    real_target = torch.full((run.rank_batch,), 1.0 - label_smoothing, device=run.device)
-    ones, zeros = torch.ones(run.rank_batch, device=run.device), torch.zeros(run.rank_batch, device=run.device)
 
     for epoch in run.epochs(learning_rate):
         for x, y in run.batches(images, labels):
-            fake_labels = torch.randint(0, N_CLASSES, (run.rank_batch,), device=run.device)
+            n = len(x)  # this process's share of the batch
+            fake_labels = torch.randint(0, N_CLASSES, (n,), device=x.device)
+            real_target = torch.full((n,), 1.0 - label_smoothing, device=x.device)  # D's target for real images
             # update D: maximise log D(x|y) + log(1 - D(G(z|y')|y')), y' the fake labels
-            with run.autocast:
-                fake = G(noise(run.rank_batch, run.device), fake_labels)
+            with autocast:
+                fake = G(noise(n, x.device), fake_labels)
                 d_real, d_fake = D(x, y), D(fake.detach(), fake_labels)
-                loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
+                loss_d = loss(d_real, real_target) + loss(d_fake, torch.zeros_like(real_target))
             opt_D.zero_grad(set_to_none=True)
-            run.scaler.scale(loss_d).backward()
-            run.scaler.step(opt_D)
+            scaler.scale(loss_d).backward()
+            scaler.step(opt_D)
 
             # update G: maximise log D(G(z|y')|y'), the non-saturating form of minimising log(1 - D(...))
-            with run.autocast:
-                loss_g = loss(D(fake, fake_labels), ones)
+            with autocast:
+                loss_g = loss(D(fake, fake_labels), torch.ones_like(real_target))
             opt_G.zero_grad(set_to_none=True)
-            run.scaler.scale(loss_g).backward()
-            run.scaler.step(opt_G)
-            run.scaler.update()
+            scaler.scale(loss_g).backward()
+            scaler.step(opt_G)
+            scaler.update()
             G_ema.update_parameters(G)
 
             run.log(loss_d=loss_d, loss_g=loss_g,  # D's mean probabilities in fp32, as the losses
                     d_real=d_real.float().sigmoid().mean(), d_fake=d_fake.float().sigmoid().mean())
-        run.end_epoch(fixed_grid=(common.sample(G_ema.module, fixed['z'], fixed['labels']), 4))
+        run.end_epoch(fixed_grid=(common.sample(G_ema, fixed['z'], fixed['labels']), 4))
     # Written after the last epoch, and again by a rerun of a finished run, like the plot and the GIF.
-    run.save_grid(f"{run.name}_morp.png", common.sample(G_ema.module, fixed['morph_z'], fixed['morph_labels']), nrow=10)
+    run.save_grid(f"{run.name}_morp.png", common.sample(G_ema, fixed['morph_z'], fixed['morph_labels']), nrow=10)
 
 
 if __name__ == '__main__':

@@ -5,6 +5,8 @@ Train:     python celeba_dcgan.py           (any constant below: --name=value, e
 Sample:    python celeba_dcgan.py --generate=25
 """
 import common  # first: from here on a Ctrl-C is one line, even while torch loads
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -105,40 +107,49 @@ def generate_samples(run):
 def train(run):
     # images: uint8 (N, 3, 64, 64), on the device where they fit
     images, _ = common.load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, run.device)
-    G = Generator(z_dim, d).to(run.device, memory_format=run.memory_format)
-    D = Discriminator(d).to(run.device, memory_format=run.memory_format)
-    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
-    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
-    G, D, G_ema, fixed = run.start(G, D, opt_G, opt_D, fixed_inputs)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    G = Generator(z_dim, d).to(run.device, memory_format=memory_format)
+    D = Discriminator(d).to(run.device, memory_format=memory_format)
+    G_ema = common.moving_average(G, ema_decay)  # what the grids, the scores and the saved G sample
+    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=True)
+    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999), fused=True)
+    # Mixed precision, as nanoGPT sets it up: the forward passes under autocast; fp16 alone scales the losses.
+    autocast = torch.autocast(run.device.type, dtype=run.dtype) if run.dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype is torch.float16)
+    if compile:
+        G.compile()  # in place: the state_dict keeps its names
+        D.compile()
+    fixed = run.lock_folder_and_resume(G, D, G_ema, opt_G, opt_D, scaler, fixed_inputs)
+    G, D = run.ddp(G), run.ddp(D)  # under torchrun: DistributedDataParallel, gradients averaged over processes
     real = images[common.evenly_spaced(len(images), 25)]  # from across the set: it is sorted by gender
     run.save_grid('raw_CelebA.png', real, nrow=5)
     loss = nn.BCEWithLogitsLoss()
-    real_target = torch.full((run.rank_batch,), 1.0 - label_smoothing, device=run.device)
-    ones, zeros = torch.ones(run.rank_batch, device=run.device), torch.zeros(run.rank_batch, device=run.device)
 
     for epoch in run.epochs(learning_rate):
         for x in run.batches(images):
+            n = len(x)  # this process's share of the batch
+            real_target = torch.full((n,), 1.0 - label_smoothing, device=x.device)  # D's target for real images
             # update D: maximise log D(x) + log(1 - D(G(z)))
-            with run.autocast:
-                fake = G(noise(run.rank_batch, run.device))
+            with autocast:
+                fake = G(noise(n, x.device))
                 d_real, d_fake = D(x), D(fake.detach())
-                loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
+                loss_d = loss(d_real, real_target) + loss(d_fake, torch.zeros_like(real_target))
             opt_D.zero_grad(set_to_none=True)
-            run.scaler.scale(loss_d).backward()
-            run.scaler.step(opt_D)
+            scaler.scale(loss_d).backward()
+            scaler.step(opt_D)
 
             # update G: maximise log D(G(z)), the non-saturating form of minimising log(1 - D(G(z)))
-            with run.autocast:
-                loss_g = loss(D(fake), ones)
+            with autocast:
+                loss_g = loss(D(fake), torch.ones_like(real_target))
             opt_G.zero_grad(set_to_none=True)
-            run.scaler.scale(loss_g).backward()
-            run.scaler.step(opt_G)
-            run.scaler.update()
+            scaler.scale(loss_g).backward()
+            scaler.step(opt_G)
+            scaler.update()
             G_ema.update_parameters(G)
 
             run.log(loss_d=loss_d, loss_g=loss_g,  # D's mean probabilities in fp32, as the losses
                     d_real=d_real.float().sigmoid().mean(), d_fake=d_fake.float().sigmoid().mean())
-        run.end_epoch(fixed_grid=(common.sample(G_ema.module, fixed['z']), 5))
+        run.end_epoch(fixed_grid=(common.sample(G_ema, fixed['z']), 5))
 
 
 if __name__ == '__main__':

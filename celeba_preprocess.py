@@ -29,9 +29,9 @@ from tqdm import tqdm
 
 from plumbing.celeba import SETTINGS, SETTINGS_FILE, celeba_folder, flags, read_settings
 from plumbing.config import configure
-from plumbing.files import make_folder, output_failed, save_json
+from plumbing.console import fail
 from plumbing.interrupts import Stopped, raise_stopped
-from plumbing.machine import fail
+from plumbing.safe_files import make_folder, output_failed, save_json
 
 celeba_dir = 'data/celebA'  # folder holding img_align_celeba/ (or img_align_celeba.zip) and list_attr_celeba.txt
 isCrop = False             # keep only the centred 108x108 face instead of the whole centred 178x178 square

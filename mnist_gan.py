@@ -4,10 +4,10 @@ Train:     python mnist_gan.py            (any constant below: --name=value, e.g
 Sample:    python mnist_gan.py --generate=25
 """
 import common  # first: from here on a Ctrl-C is one line, even while torch loads
+import contextlib
+
 import torch
 import torch.nn as nn
-
-from mnist_classifier import MnistQuality
 
 # ---------------------------------------------------------------- the experiment
 train_epoch = 100                     # [1, 10000]: epochs to train (no lr decay)
@@ -91,44 +91,51 @@ def generate_samples(run):
 def train(run):
     # images: uint8 (N, 1, 28, 28), on the device
     images, _ = common.mnist_training_set(data_dir, img_size, train_limit, batch_size, run.device)
-    G, D = Generator(z_dim, img_size).to(run.device), Discriminator(img_size).to(run.device)
-    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
-    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999), fused=run.fused_adam)
-    # Before start(), whose restored random state must not be drawn from by anything but training.
-    quality = MnistQuality(data_dir, img_size, run.device) if quality_samples else None
-    G, D, G_ema, fixed = run.start(G, D, opt_G, opt_D, fixed_inputs, scored_by=quality)
+    G = Generator(z_dim, img_size).to(run.device)
+    D = Discriminator(img_size).to(run.device)
+    G_ema = common.moving_average(G, ema_decay)  # what the grids, the scores and the saved G sample
+    opt_G = torch.optim.Adam(G.parameters(), lr=lr, betas=(beta1, 0.999), fused=True)
+    opt_D = torch.optim.Adam(D.parameters(), lr=lr, betas=(beta1, 0.999), fused=True)
+    # Mixed precision, as nanoGPT sets it up: the forward passes under autocast; fp16 alone scales the losses.
+    autocast = torch.autocast(run.device.type, dtype=run.dtype) if run.dtype else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(run.device.type, enabled=run.dtype is torch.float16)
+    if compile:
+        G.compile()  # in place: the state_dict keeps its names
+        D.compile()
+    # Before the resume, whose restored random state must not be drawn from by anything but training.
+    quality = common.MnistQuality(data_dir, img_size, run.device) if quality_samples else None
+    fixed = run.lock_folder_and_resume(G, D, G_ema, opt_G, opt_D, scaler, fixed_inputs, scored_by=quality)
+    G, D = run.ddp(G), run.ddp(D)  # under torchrun: DistributedDataParallel, gradients averaged over processes
     run.save_grid('raw_MNIST.png', images[:25], nrow=5)
     loss = nn.BCEWithLogitsLoss()
-    real_target = torch.full((run.rank_batch,), 1.0 - label_smoothing, device=run.device)
-    ones, zeros = torch.ones(run.rank_batch, device=run.device), torch.zeros(run.rank_batch, device=run.device)
 
     for epoch in run.epochs(learning_rate):
         for x in run.batches(images):
+            n = len(x)  # this process's share of the batch
+            real_target = torch.full((n,), 1.0 - label_smoothing, device=x.device)  # D's target for real images
             # update D: maximise log D(x) + log(1 - D(G(z)))
-            with run.autocast:
-                fake = G(noise(run.rank_batch, run.device))
+            with autocast:
+                fake = G(noise(n, x.device))
                 d_real, d_fake = D(x), D(fake.detach())
-                loss_d = loss(d_real, real_target) + loss(d_fake, zeros)
+                loss_d = loss(d_real, real_target) + loss(d_fake, torch.zeros_like(real_target))
             opt_D.zero_grad(set_to_none=True)
-            run.scaler.scale(loss_d).backward()
-            run.scaler.step(opt_D)
+            scaler.scale(loss_d).backward()
+            scaler.step(opt_D)
 
             # update G: maximise log D(G(z)), the non-saturating form of minimising log(1 - D(G(z)))
-            with run.autocast:
-                loss_g = loss(D(fake), ones)
+            with autocast:
+                loss_g = loss(D(fake), torch.ones_like(real_target))
             opt_G.zero_grad(set_to_none=True)
-            run.scaler.scale(loss_g).backward()
-            run.scaler.step(opt_G)
-            run.scaler.update()
+            scaler.scale(loss_g).backward()
+            scaler.step(opt_G)
+            scaler.update()
             G_ema.update_parameters(G)
 
             run.log(loss_d=loss_d, loss_g=loss_g,  # D's mean probabilities in fp32, as the losses
                     d_real=d_real.float().sigmoid().mean(), d_fake=d_fake.float().sigmoid().mean())
-        run.end_epoch(fixed_grid=(common.sample(G_ema.module, fixed['z']), 5),
-                      random_grid=(common.sample(G_ema.module, noise(25, run.device)), 5),
-                      scores=quality.score(common.sample(G_ema.module, fixed['quality_z'])) if quality else {})
-    if quality:
-        quality.plot(run.history, run.path(f"{MODEL}_quality.png"))
+        run.end_epoch(fixed_grid=(common.sample(G_ema, fixed['z']), 5),
+                      random_grid=(common.sample(G_ema, noise(25, run.device)), 5),
+                      scores=quality.score(common.sample(G_ema, fixed['quality_z'])) if quality else {})
 
 
 if __name__ == '__main__':

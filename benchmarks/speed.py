@@ -25,7 +25,7 @@ import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from plumbing import config, files, machine, torch_compat  # noqa: E402  (the repository root is put on the path first)
+from plumbing import config, console, hardware, safe_files, torch_compat  # noqa: E402  (the repository root is put on the path first)
 
 scripts = 'mnist_gan.py,mnist_cgan.py,mnist_dcgan.py,mnist_cdcgan.py,celeba_dcgan.py,celeba_cdcgan.py'  # comma-separated
 precisions = ''           # comma-separated; '' = those the device runs natively: fp32 and bf16 (and fp16 on CUDA)
@@ -57,12 +57,12 @@ def chosen_among(name, value, valid, empty_means=None):
     form = f"one or more of {', '.join(valid)}, comma-separated"
     form += f", or --{name}= alone for {empty_means}" if empty_means else ''
     if not items and (empty_means is None or value.strip()):
-        machine.fail(f"--{name}={value} names none; choose {form}", 2)
+        console.fail(f"--{name}={value} names none; choose {form}", 2)
     for item in items:
         if item not in valid:
-            machine.fail(f"--{name}={value}: {item!r} is not known; choose {form}", 2)
+            console.fail(f"--{name}={value}: {item!r} is not known; choose {form}", 2)
         if items.count(item) > 1:
-            machine.fail(f"--{name}={value} names {item} twice; name each once", 2)
+            console.fail(f"--{name}={value} names {item} twice; name each once", 2)
     return items
 
 
@@ -71,14 +71,14 @@ def parse_layouts(value):
     form = "processes x threads as positive whole numbers, like 1x1,1x2,2x1"
     items = listed(value)
     if not items:
-        machine.fail(f"--layouts={value} names none; write {form}", 2)
+        console.fail(f"--layouts={value} names none; write {form}", 2)
     shapes = []
     for item in items:
         if not re.fullmatch(r'[1-9][0-9]*x[1-9][0-9]*', item):
-            machine.fail(f"--layouts={value}: {item!r} is not a layout; write {form}", 2)
+            console.fail(f"--layouts={value}: {item!r} is not a layout; write {form}", 2)
         shape = tuple(int(n) for n in item.split('x'))
         if shape in shapes:
-            machine.fail(f"--layouts={value} names {item} twice; name each once", 2)
+            console.fail(f"--layouts={value} names {item} twice; name each once", 2)
         shapes.append(shape)
     return shapes
 
@@ -86,7 +86,7 @@ def parse_layouts(value):
 def output_path():
     """Where the measurements go, checked before they are taken: a run of an hour must not end at the save."""
     path = os.path.join(REPO, output)
-    files.check_output_path('output', output, path, 'speed.json')
+    safe_files.check_output_path('output', output, path, 'speed.json')
     return path
 
 
@@ -154,10 +154,10 @@ def measure_peaks(dtype, device, n_threads):
             work()
             times = []
             for _ in range(5):
-                machine.synchronize(device)
+                hardware.synchronize(device)
                 start = time.perf_counter()
                 work()
-                machine.synchronize(device)
+                hardware.synchronize(device)
                 times.append(time.perf_counter() - start)
         return flops / min(times) / 1e9
     return best_rate(lambda: a @ b, 2 * 2048 ** 3), best_rate(lambda: conv(x), conv_flops)
@@ -180,7 +180,7 @@ def run_script(script, data_dir, results_dir, precision, layout, memory_format, 
     command = [*launcher, path, '--', *args] if processes > 1 else [sys.executable, path, *args]
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        machine.fail(f"{script} {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1]}")
+        console.fail(f"{script} {' '.join(args)} failed: {result.stderr.strip().splitlines()[-1]}")
     with open(os.path.join(results_dir, f"{module.MODEL}_train_hist.json")) as f:
         return json.load(f)['epochs'][-1]['images_per_second']
 
@@ -197,12 +197,12 @@ def main():
     shapes = parse_layouts(layouts)
     formats = listed(memory_formats)
     if not formats or not set(formats) <= set(MEMORY_FORMATS) or len(set(formats)) < len(formats):
-        machine.fail(f"--memory_formats={memory_formats}: use channels_last, contiguous or both, comma-separated", 2)
+        console.fail(f"--memory_formats={memory_formats}: use channels_last, contiguous or both, comma-separated", 2)
     path = None if smoke else output_path()
-    run_device = machine.pick_device(device)
+    run_device = hardware.pick_device(device)
     native = native_precisions(run_device)
     if run_device.type == 'cuda' and 'bf16' in chosen and 'bf16' not in native:
-        machine.fail(f"--precisions={precisions}: this GPU ({describe(run_device)}) has no bf16; "
+        console.fail(f"--precisions={precisions}: this GPU ({describe(run_device)}) has no bf16; "
                      f"choose among {', '.join(native)}", 2)
     chosen = chosen or native
     shapes = [(1, 1)] if run_device.type != 'cpu' else shapes  # one GPU
@@ -231,7 +231,7 @@ def main():
     table = report(names, shapes, formats_of, chosen, rates, flops, peaks)
     print(table)
     if not smoke:
-        files.save_json({'device': describe(run_device), 'torch': torch.__version__, 'batch': batch, 'steps': steps,
+        safe_files.save_json({'device': describe(run_device), 'torch': torch.__version__, 'batch': batch, 'steps': steps,
                           'rates': {f"{s} {n[0]}x{n[1]} {m} {p}": r for (s, n, m, p), r in rates.items()},
                           'flops_per_image': flops,
                           'peaks_gflops': {f"{p} {n}": {'matmul': m, 'conv': c} for (p, n), (m, c) in peaks.items()},
@@ -244,7 +244,7 @@ def describe(device):
     if device.type == 'cpu':
         model = next((line.split(':', 1)[1].strip() for line in open('/proc/cpuinfo') if line.startswith('model name')),
                      'unknown CPU') if os.path.exists('/proc/cpuinfo') else 'unknown CPU'
-        return f"{model}, native bf16: {machine.cpu_bf16_instructions() or 'none'}"
+        return f"{model}, native bf16: {hardware.cpu_bf16_instructions() or 'none'}"
     return device.type
 
 

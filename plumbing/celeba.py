@@ -10,8 +10,9 @@ import zlib
 import torch
 
 from plumbing.data import evenly_spaced, require_a_batch
-from plumbing.files import atomic_write, remove_dead_temporaries, save_json
-from plumbing.machine import fail, progress, writes_files
+from plumbing.console import fail, progress
+from plumbing.distributed import writes_files
+from plumbing.safe_files import atomic_write, remove_dead_temporaries, save_json
 
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')

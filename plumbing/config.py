@@ -1,13 +1,16 @@
-"""A script's constants: `--name=value` overrides, nanoGPT style, checked against the range each
-constant's comment opens with, and `--help` built from those comments."""
+"""A script's configuration: its constants with the command line's `--name=value` overrides, nanoGPT style,
+checked against the range each constant's comment opens with, `--help` built from those comments, and a
+training script's configuration resolved once (resolve) for its run."""
 import math
 import operator
 import os
 import re
 import sys
 import tokenize
+from dataclasses import dataclass
 
-from plumbing.machine import fail
+from plumbing.celeba import celeba_folder
+from plumbing.console import fail
 
 
 def constant_names(namespace):
@@ -161,3 +164,26 @@ def constants(namespace):
     """A script's constants and their values now: what a run records and a checkpoint must match."""
     return {name: namespace[name] for name in constant_names(namespace)}
 
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A training script's configuration, resolved once and handed on as one value."""
+    constants: dict        # every constant of the script, after the command line: checked, paths resolved
+    model: str             # the name in every output file: MODEL, and '<MODEL>_crop' for CelebA's crop
+    bf16_by_default: bool  # whether precision 'auto' may take bf16 for this model (its BF16_BY_DEFAULT)
+
+
+def resolve(namespace, argv=None):
+    """A training script's RunConfig: its constants with the command line's overrides (configure), and for
+    CelebA the folders left '' following isCrop, a model of its own. The script's globals (namespace) are
+    updated alike, so the script and its run read the same values."""
+    constants = configure(namespace, argv)
+    if 0 < constants['train_limit'] < constants['batch_size']:
+        fail(f"--train_limit={constants['train_limit']} is less than one batch of {constants['batch_size']}; "
+             f"raise it or lower --batch_size", 2)
+    model = namespace['MODEL']
+    if 'isCrop' in constants:
+        model += '_crop' if constants['isCrop'] else ''
+        for name, default in (('data_dir', celeba_folder(constants['isCrop'])), ('results_dir', f"{model}_results")):
+            constants[name] = namespace[name] = constants[name] or default
+    return RunConfig(constants, model, namespace['BF16_BY_DEFAULT'])

@@ -8,7 +8,8 @@ import zlib
 
 import torch
 
-from plumbing.machine import barrier, fail, rank, world_size, writes_files
+from plumbing.console import fail
+from plumbing.distributed import barrier, rank, world_size, writes_files
 
 
 MNIST_FILES = {True: ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),

@@ -5,8 +5,8 @@ import os
 
 import torch
 
-from plumbing.files import atomic_write, make_folder, save_bytes
-from plumbing.machine import writes_files
+from plumbing.distributed import writes_files
+from plumbing.safe_files import atomic_write, make_folder, save_bytes
 
 
 def sample(G, *inputs, chunk=500):

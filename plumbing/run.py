@@ -1,50 +1,40 @@
-"""The run a training script's loop calls around its step: main() (the whole __main__ of a script), Run
-(precision, the models' set-up, the epochs and batches, each epoch's record, the one line that ends an
-interrupted run or one out of memory) and the GAN bookkeeping it keeps (the moving average of G, the
-epoch means, the collapse report)."""
-import math
+"""The run around a training script's loop: main(), a script's whole __main__, and the Run it hands to
+train(run): the device and precision, the results folder (locked, resumed), the epochs and batches, each
+epoch's record, and the one line that ends an interrupted run or one out of memory."""
 import os
 import re
 import time
 
 import torch
 
-from plumbing.celeba import celeba_folder
-from plumbing.config import configure, constants
+from plumbing.collapse import CollapseCheck
+from plumbing.config import resolve
+from plumbing.console import fail, keep_training_without_stdout, progress
 from plumbing.data import real_batch, shuffled_batches, to_unit_range
-from plumbing.files import generator_weights, load_weights
-from plumbing.folder import RunFolder
+from plumbing.hardware import autocast_dtype, synchronize
+from plumbing.distributed import world_size
 from plumbing.images import save_grid
 from plumbing.interrupts import Stopped
-from plumbing.machine import (World, compile_models, fail, failed_collective, from_rank0, has_fused_adam,
-                              keep_training_without_stdout, memory_format, mixed_precision, progress, synchronize,
-                              world_size)
+from plumbing.results_folder import RunFolder
+from plumbing.safe_files import load_state_dict
+from plumbing.torchrun import World, failed_collective
 
 
 def main(namespace, train, generate_samples):
-    """The whole __main__ block of a training script: apply the command line's overrides to the script's
-    constants (namespace, its globals()), join torchrun's processes if it started them, seed, then
-    train(run), or generate_samples(run) for --generate."""
+    """The whole __main__ block of a training script: resolve its configuration once (the command line's
+    overrides of the script's constants, namespace being its globals()), join torchrun's processes if it
+    started them, seed, then train(run), or generate_samples(run) for --generate."""
     keep_training_without_stdout()
-    config = configure(namespace)
-    if 0 < config['train_limit'] < config['batch_size']:
-        fail(f"--train_limit={config['train_limit']} is less than one batch of {config['batch_size']}; "
-             f"raise it or lower --batch_size", 2)
-    if 'isCrop' in namespace:  # the CelebA scripts: folders left '' follow the crop, a model of its own
-        namespace['data_dir'] = namespace['data_dir'] or celeba_folder(namespace['isCrop'])
-        namespace['results_dir'] = namespace['results_dir'] or f"{model_name(namespace)}_results"
-    world = World(config['device'], config['batch_size'], config['generate'], config.get('sync_batchnorm', False))
-    torch.manual_seed(config['seed'])
-    if config['generate']:
-        generate_samples(Run(namespace, world))
+    config = resolve(namespace)
+    constants = config.constants
+    world = World(constants['device'], constants['batch_size'], constants['generate'],
+                  constants.get('sync_batchnorm', False))
+    torch.manual_seed(constants['seed'])
+    if constants['generate']:
+        generate_samples(Run(config, world))
     else:
-        with Run(namespace, world) as run:
+        with Run(config, world) as run:
             train(run)
-
-
-def model_name(namespace):
-    """The name in every output file: the script's MODEL, and for CelebA's crop variant, a model of its own."""
-    return namespace['MODEL'] + ('_crop' if namespace.get('isCrop') else '')
 
 
 def is_interruption(error):
@@ -61,30 +51,29 @@ def is_out_of_memory(error):
 
 
 class Run:
-    """One run of a training script, made by main() from the script's constants.
+    """One run of a training script, made by main() from its resolved configuration.
 
-    As a `with` block around training: the mixed precision (autocast and scaler) on entering; on leaving,
-    the final outputs, or after an interruption one line saying what the checkpoint holds. Inside it,
-    start() sets up the models and resumes, epochs() and batches() are the two loops, log() takes each
-    step's losses and end_epoch() records the epoch. For --generate: trained_generator() and save_grid().
+    As a `with` block around training: the precision chosen on entering (run.dtype); on leaving, the final
+    outputs, or after an interruption one line saying what the checkpoint holds. Inside it,
+    lock_folder_and_resume() takes the results folder, ddp() wraps a model for torchrun, epochs() and
+    batches() are the two loops, log() takes each step's scalars and end_epoch() records the epoch. For
+    --generate: trained_generator() and save_grid().
     """
 
-    def __init__(self, namespace, world):
-        self.config = constants(namespace)
-        self.name = model_name(namespace)
+    def __init__(self, config, world):
+        self.config = config.constants
+        self.name = config.model
+        self.bf16_by_default = config.bf16_by_default
         self.dir = self.config['results_dir']
         self.world = world
         self.device = world.device
-        self.rank_batch = self.config['batch_size'] // world.size  # this process's share of every batch
-        self.memory_format = memory_format(self.config.get('channels_last', False))
-        self.fused_adam = has_fused_adam(self.device)
-        self.bf16_by_default = namespace['BF16_BY_DEFAULT']
-        self.folder = None  # the RunFolder, from start() on
+        self.dtype = None  # autocast's dtype (None: fp32), chosen on entering the with block
+        self.folder = None  # the RunFolder, from lock_folder_and_resume() on
 
     # ------------------------------------------------ the with block
 
     def __enter__(self):
-        self.autocast, self.scaler = mixed_precision(self.config['precision'], self.device, self.bf16_by_default)
+        self.dtype = autocast_dtype(self.config['precision'], self.device, self.bf16_by_default)
         return self
 
     def __exit__(self, kind, error, traceback):
@@ -120,22 +109,18 @@ class Run:
 
     # ------------------------------------------------ training
 
-    def start(self, G, D, opt_G, opt_D, fixed_inputs, scored_by=None):
-        """Take the results folder and resume from its checkpoint, if there is one and resume is on.
+    def lock_folder_and_resume(self, G, D, G_ema, opt_G, opt_D, scaler, fixed_inputs, scored_by=None):
+        """Take the results folder for this run alone, and resume from its checkpoint if there is one and
+        resume is on: the models, G's average, the optimizers, the scaler, the fixed inputs and the random
+        state come back as saved. Else fixed_inputs(device) draws the inputs kept for the whole run.
 
-        Makes the moving average of G (ema_decay), compiles G and D if asked, and draws
-        fixed_inputs(device), the inputs kept for the whole run ({name: tensor}, saved in the checkpoint).
-        scored_by: the MnistQuality that scores the epochs; its classifier is pinned by its digest.
-        Returns G and D as training calls them (in DistributedDataParallel under torchrun), the moving
-        average of G, and the fixed inputs on the device.
+        scored_by: the MnistQuality that scores the epochs; a resume must find its classifier unchanged.
+        Returns the fixed inputs ({name: tensor}) on the device.
         """
         config = self.config
-        G_ema = ema_model(G, config['ema_decay'])
-        if config['compile']:
-            compile_models(G, D)
         folder = RunFolder(self.name, config,
                            models={'generator': G, 'discriminator': D, 'generator_average': G_ema},
-                           optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=self.scaler,
+                           optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=scaler,
                            exports={'generator': G_ema.module, 'discriminator': D},
                            best_by='fid' if config.get('quality_samples') else None,
                            yardstick={'classifier': scored_by.weights, 'sha256': scored_by.digest} if scored_by else None)
@@ -144,8 +129,12 @@ class Run:
         self.optimizers = (opt_G, opt_D)
         self.collapse = CollapseCheck(config['label_smoothing'], config['stop_on_collapse'],
                                       config.get('collapse_factor'))
-        fixed = {name: tensor.to(self.device) for name, tensor in folder.fixed.items()}
-        return self.world.parallel(G), self.world.parallel(D), G_ema, fixed
+        return {name: tensor.to(self.device) for name, tensor in folder.fixed.items()}
+
+    def ddp(self, model):
+        """model in DistributedDataParallel under torchrun, so that its gradients are averaged over the
+        processes; model itself in a single process."""
+        return self.world.parallel(model)
 
     def epochs(self, learning_rate):
         """The epochs left to train. Before each, both optimizers take learning_rate(epoch); after each, a
@@ -167,10 +156,11 @@ class Run:
         floats in [-1, 1] on the device, in the models' memory format, or (x, y) given the labels."""
         config = self.config
         batches = shuffled_batches(len(images), config['batch_size'], images.device, config['seed'], self.epoch)
+        memory_format = torch.channels_last if config.get('channels_last') else torch.contiguous_format
         self.images_seen = batches.numel()
         start = time.perf_counter()
         for index in progress(batches, f"epoch {self.epoch}"):
-            x = real_batch(images, index, self.device, self.memory_format)
+            x = real_batch(images, index, self.device, memory_format)
             yield x if labels is None else (x, labels[index].to(self.device))
         synchronize(self.device)
         self.seconds = time.perf_counter() - start  # the training steps alone, not the grids and scores
@@ -188,13 +178,6 @@ class Run:
         self.folder.end_epoch(self.epoch, {**self.means.read(), **(scores or {})}, self.seconds,
                               self.images_seen, grids)
 
-    @property
-    def history(self):
-        return self.folder.history
-
-    def path(self, *parts):
-        return os.path.join(self.dir, *parts)
-
     # ------------------------------------------------ --generate, and other pictures
 
     def trained_generator(self, G):
@@ -204,30 +187,9 @@ class Run:
     def save_grid(self, name, images, nrow):
         """images (uint8 pixels, or floats in [-1, 1]) as one grid PNG named name in the results folder;
         returns its path."""
-        path = self.path(name)
+        path = os.path.join(self.dir, name)
         save_grid(to_unit_range(images) if images.dtype == torch.uint8 else images, path, nrow)
         return path
-
-
-def ema_model(model, decay):
-    """An exponential moving average of model's weights and BatchNorm statistics, for sampling.
-
-    decay 0 makes it a plain copy of the latest weights, the original recipe. Made before model is
-    compiled, so the copy is a plain module.
-    """
-    from torch.optim.swa_utils import AveragedModel
-
-    @torch.no_grad()
-    def ema(ema_params, current_params, steps):
-        # A short memory at first, (1 + n) / (10 + n), so early grids do not show the random start.
-        n = int(steps)
-        keep = min(decay, (1 + n) / (10 + n))
-        for average, current in zip(ema_params, current_params):
-            if average.is_floating_point():
-                average.lerp_(current, 1 - keep)
-            else:  # BatchNorm's step counter
-                average.copy_(current)
-    return AveragedModel(model, multi_avg_fn=ema, use_buffers=True)
 
 
 class EpochMeans:
@@ -251,44 +213,34 @@ class EpochMeans:
         return dict(zip(self.sums, sums.div(self.steps * world_size()).tolist()))
 
 
-def bce_floor(label_smoothing):
-    """The least BCE loss of a discriminator's real half: the entropy of its target 1 - label_smoothing."""
-    target = 1 - label_smoothing
-    return -sum(p * math.log(p) for p in (target, 1 - target) if p > 0)
 
 
-class CollapseCheck:
-    """Says plainly when a run falls apart: fid far above its best, or the discriminator winning outright.
+def generator_weights(results_dir, model_name, generate_from):
+    """The generator file --generate samples from: the best by fid, or the last epoch's."""
+    if generate_from not in ('best', 'last'):
+        fail(f"--generate_from={generate_from}: choose best or last", 2)
+    best = os.path.join(results_dir, f"{model_name}_generator_best.pt")
+    if generate_from == 'best' and os.path.exists(best):
+        return best
+    last = os.path.join(results_dir, f"{model_name}_generator.pt")
+    if generate_from == 'best' and os.path.exists(last):
+        print(f"no {best} (quality was not measured); sampling from the last generator")
+    if generate_from == 'last' and not os.path.exists(last) and os.path.exists(best):
+        fail(f"no {last}, the last epoch's generator; {best} is there: pass --generate_from=best to sample from it")
+    return last
 
-    D 'wins outright' when its mean loss over an epoch is within WON_MARGIN of its floor: it then gives
-    G no gradient. Only a fall counts: D often wins the first epochs outright and G still learns
-    (the non-saturating loss), so an epoch counts only after an earlier, contested one.
+
+def load_weights(model, path):
+    """Load a state_dict saved by a training run, or stop with one line saying how to get it.
+
+    A training run replaces its weight files atomically, so this reads complete files while it trains.
     """
-    WON_MARGIN = 0.05
-
-    def __init__(self, label_smoothing, stop_on_collapse, fid_factor=None):
-        self.floor = bce_floor(label_smoothing)  # of loss_d = real half + fake half; the fake half can reach 0
-        self.stop = stop_on_collapse
-        self.factor = fid_factor
-
-    def won_outright(self, loss_d):
-        return loss_d - self.floor < self.WON_MARGIN
-
-    def stops(self, run):
-        """Check run's last epoch; print a COLLAPSE line if it fell apart. True when training should stop."""
-        *earlier, last = run.history
-        best = run.best()
-        signs = []
-        if self.factor and 'fid' in last and last['fid'] > self.factor * best['fid']:
-            signs.append(f"fid {last['fid']:.1f} is over {self.factor:g} times the best, "
-                         f"{best['fid']:.1f} at epoch {best['epoch']}")
-        contested_before = not all(self.won_outright(h['loss_d']) for h in earlier)
-        if contested_before and self.won_outright(last['loss_d']):
-            signs.append(f"the discriminator's loss averaged {last['loss_d']:.3f} over the epoch, "
-                         f"{last['loss_d'] - self.floor:.3f} above its floor")
-        if signs:
-            going = "stopping (stop_on_collapse)" if self.stop else "going on"
-            kept = f" The best generator stays in {run.best_generator_path()}" if best else ""
-            print(f"COLLAPSE at epoch {last['epoch']}: {'; '.join(signs)}; {going}.{kept}", flush=True)
-        return from_rank0(bool(signs) and self.stop)  # rank 0's scores decide, so every process stops
-
+    if not os.path.exists(path):
+        fail(f"no trained generator at {path}; train first (run the script without --generate)")
+    state = load_state_dict(path, "delete it and train again (run the script without --generate)")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        fail(f"{path} was trained with other model constants (z_dim, d, img_size, ...) or by another script; "
+             f"pass the constants it was trained with (its *_train_hist.json lists them) or another --results_dir")
+    return model

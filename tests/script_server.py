@@ -24,7 +24,6 @@ import matplotlib  # noqa: E402
 
 matplotlib.use('Agg')
 import matplotlib.pyplot  # noqa: E402,F401
-import mnist_classifier  # noqa: E402,F401
 import torchvision.transforms.functional  # noqa: E402,F401
 import torchvision.utils  # noqa: E402,F401
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import OFFLINE, REPO, folder_state, write_idx
-from plumbing import files
-from plumbing.folder import RunFolder
+from plumbing import safe_files
+from plumbing.results_folder import RunFolder
 from plumbing.interrupts import Stopped
 from plumbing.run import Run
 from test_hardening import trained, work  # noqa: F401  (fixtures: out/ trained one tiny epoch, a copy)
@@ -55,7 +55,7 @@ def test_a_sigterm_while_a_file_loads_is_no_damage(tmp_path, monkeypatch):
         raise Stopped()
     monkeypatch.setattr(torch, 'load', stopped)
     with pytest.raises(Stopped):
-        files.load_torch(path, 'retrain')
+        safe_files.load_torch(path, 'retrain')
 
 
 def test_an_interruption_while_resuming_says_the_checkpoint_is_as_it_was(tmp_path, capsys):
@@ -166,7 +166,7 @@ def test_a_zeroed_stretch_of_the_celeba_cache_is_decoded_again(tmp_path, capsys)
 
 
 def test_a_run_is_pinned_to_the_classifier_that_scores_it(work, script_server, mnist_dir):
-    from mnist_classifier import DEFAULT_WEIGHTS, weights_digest
+    from plumbing.mnist_quality import DEFAULT_WEIGHTS, weights_digest
     shipped = weights_digest(DEFAULT_WEIGHTS)
     record = json.loads((work / 'out' / 'MNIST_GAN_train_hist.json').read_text())
     assert record['scored_with'] == {'classifier': DEFAULT_WEIGHTS, 'sha256': shipped}
@@ -199,14 +199,14 @@ def test_a_run_removes_what_a_killed_run_s_saves_left_behind(work, script_server
 
 
 def test_only_a_failed_collective_is_an_interruption(monkeypatch):
-    from plumbing import machine
+    from plumbing import torchrun
     from plumbing.run import is_interruption
     gloo = RuntimeError('[../third_party/gloo/gloo/transport/tcp/pair.cc:525] Read error [127.0.0.1]:8623: '
                         'Connection reset by peer')
     bug = RuntimeError('mat1 and mat2 shapes cannot be multiplied (32x100 and 10x256)')
     assert is_interruption(KeyboardInterrupt()) and is_interruption(Stopped())
     assert not is_interruption(gloo) and not is_interruption(bug)  # one process: no collective to fail
-    monkeypatch.setattr(machine, 'world_size', lambda: 2)
+    monkeypatch.setattr(torchrun, 'world_size', lambda: 2)
     assert is_interruption(gloo) and is_interruption(torch.distributed.DistBackendError('NCCL error'))
     assert not is_interruption(bug) and not is_interruption(ValueError('a bug'))  # seen in full, under torchrun too
 

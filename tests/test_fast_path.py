@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from plumbing import data, machine
+from plumbing import data, hardware
 from conftest import REPO, run_script
 
 CPU, CUDA = torch.device('cpu'), torch.device('cuda')
@@ -18,7 +18,7 @@ CPU, CUDA = torch.device('cpu'), torch.device('cuda')
 def cpu_with(monkeypatch):
     """Pretend the CPU has these native bf16 instructions (None: none)."""
     def pretend(instructions):
-        monkeypatch.setattr(machine, 'cpu_bf16_instructions', lambda: instructions)
+        monkeypatch.setattr(hardware, 'cpu_bf16_instructions', lambda: instructions)
     return pretend
 
 
@@ -35,16 +35,16 @@ def gpu_with(monkeypatch):
 @pytest.mark.parametrize('instructions', ['AMX', 'AVX512_BF16'])
 def test_auto_picks_bf16_on_a_cpu_with_native_bf16_and_says_why(cpu_with, instructions):
     cpu_with(instructions)
-    assert machine.choose_precision('auto', CPU) == (torch.bfloat16, f"this CPU has {instructions}")
+    assert hardware.choose_precision('auto', CPU) == (torch.bfloat16, f"this CPU has {instructions}")
 
 
 def test_auto_stays_fp32_for_a_model_whose_training_bf16_changed(cpu_with, gpu_with):
     cpu_with('AMX')
-    dtype, why = machine.choose_precision('auto', CPU, bf16_by_default=False)
+    dtype, why = hardware.choose_precision('auto', CPU, bf16_by_default=False)
     assert dtype is None and '--precision=bf16' in why
-    assert machine.choose_precision('bf16', CPU, bf16_by_default=False)[0] is torch.bfloat16  # asked for: taken
+    assert hardware.choose_precision('bf16', CPU, bf16_by_default=False)[0] is torch.bfloat16  # asked for: taken
     gpu_with(True)
-    assert machine.choose_precision('auto', CUDA, bf16_by_default=False)[0] is None
+    assert hardware.choose_precision('auto', CUDA, bf16_by_default=False)[0] is None
 
 
 @pytest.mark.parametrize('script, takes_bf16', [('mnist_gan.py', False), ('mnist_cgan.py', False),
@@ -54,22 +54,22 @@ def test_auto_takes_bf16_for_the_conv_models_and_keeps_fp32_for_the_mlps(cpu_wit
     """Measured (README, Speed): bf16 collapsed the cGAN, and kept the cDCGAN within fp32's seed spread."""
     import importlib
     cpu_with('AMX')
-    dtype, _ = machine.choose_precision('auto', CPU, importlib.import_module(script[:-3]).BF16_BY_DEFAULT)
+    dtype, _ = hardware.choose_precision('auto', CPU, importlib.import_module(script[:-3]).BF16_BY_DEFAULT)
     assert dtype is (torch.bfloat16 if takes_bf16 else None)
 
 
 def test_auto_stays_fp32_on_a_cpu_without_native_bf16(cpu_with):
     cpu_with(None)
-    dtype, why = machine.choose_precision('auto', CPU)
+    dtype, why = hardware.choose_precision('auto', CPU)
     assert dtype is None and 'no native bf16' in why and 'slower' in why
 
 
 def test_asked_for_precisions_are_taken_as_asked_and_a_slow_choice_says_so(cpu_with):
     cpu_with(None)
-    assert machine.choose_precision('fp32', CPU) == (None, 'as asked')
-    dtype, why = machine.choose_precision('bf16', CPU)
+    assert hardware.choose_precision('fp32', CPU) == (None, 'as asked')
+    dtype, why = hardware.choose_precision('bf16', CPU)
     assert dtype is torch.bfloat16 and 'slower than fp32' in why
-    dtype, why = machine.choose_precision('fp16', CPU)
+    dtype, why = hardware.choose_precision('fp16', CPU)
     assert dtype is torch.float16 and 'slow' in why
 
 
@@ -77,52 +77,43 @@ def test_the_cpu_instructions_are_read_from_torch(monkeypatch):
     for amx, avx512_bf16, expected in ((True, True, 'AMX'), (False, True, 'AVX512_BF16'), (False, False, None)):
         monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda amx=amx: amx, raising=False)
         monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda b=avx512_bf16: b, raising=False)
-        assert machine.cpu_bf16_instructions() == expected
+        assert hardware.cpu_bf16_instructions() == expected
 
 
 def test_auto_picks_bf16_on_a_gpu_that_has_it_and_fp32_on_one_that_has_not(gpu_with):
     gpu_with(True)
-    assert machine.choose_precision('auto', CUDA) == (torch.bfloat16, 'this GPU (Some GPU) supports bf16')
+    assert hardware.choose_precision('auto', CUDA) == (torch.bfloat16, 'this GPU (Some GPU) supports bf16')
     gpu_with(False)
-    dtype, why = machine.choose_precision('auto', CUDA)
+    dtype, why = hardware.choose_precision('auto', CUDA)
     assert dtype is None and 'has no bf16' in why
-    assert machine.choose_precision('fp16', CUDA) == (torch.float16, 'as asked')
+    assert hardware.choose_precision('fp16', CUDA) == (torch.float16, 'as asked')
 
 
 def test_bf16_on_a_gpu_without_it_is_one_line_and_status_2(gpu_with, capsys):
     gpu_with(False)
     with pytest.raises(SystemExit) as stop:
-        machine.choose_precision('bf16', CUDA)
+        hardware.choose_precision('bf16', CUDA)
     assert stop.value.code == 2
     assert capsys.readouterr().err == ("error: --precision=bf16: this GPU (Some GPU) has no bf16; "
                                        "use --precision=fp16 or auto\n")
 
 
 def test_auto_stays_fp32_on_apple_mps():
-    dtype, why = machine.choose_precision('auto', torch.device('mps'))
+    dtype, why = hardware.choose_precision('auto', torch.device('mps'))
     assert dtype is None and 'mps' in why
 
 
 def test_an_unknown_precision_is_one_line_and_status_2(capsys):
     with pytest.raises(SystemExit) as stop:
-        machine.choose_precision('fp8', CPU)
+        hardware.choose_precision('fp8', CPU)
     assert stop.value.code == 2
     assert capsys.readouterr().err == "error: --precision=fp8: choose one of auto, bf16, fp16, fp32\n"
 
 
-@pytest.mark.parametrize('choice, dtype, scaled', [('fp32', None, False), ('bf16', torch.bfloat16, False),
-                                                   ('fp16', torch.float16, True)])
-def test_mixed_precision_autocasts_the_forward_pass_and_scales_only_fp16(choice, dtype, scaled, capsys):
-    ctx, scaler = machine.mixed_precision(choice, CPU)
+@pytest.mark.parametrize('choice, dtype', [('fp32', None), ('bf16', torch.bfloat16), ('fp16', torch.float16)])
+def test_the_precision_chosen_is_the_autocast_dtype_and_the_run_says_it(choice, dtype, capsys):
+    assert hardware.autocast_dtype(choice, CPU) is dtype
     assert capsys.readouterr().out.startswith(f"cpu, {choice}")
-    assert scaler.is_enabled() == scaled
-    layer = torch.nn.Linear(4, 4)
-    with ctx:
-        out = layer(torch.randn(2, 4))
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(out, torch.ones_like(out))
-    assert out.dtype == (dtype or torch.float32)
-    assert loss.dtype == torch.float32 and layer.weight.dtype == torch.float32  # losses and weights stay fp32
-    assert isinstance(ctx, contextlib.nullcontext) == (dtype is None)
 
 
 def test_a_precision_a_script_cannot_use_is_one_line(mnist_dir, tmp_path):

@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from plumbing import config
-from plumbing.folder import RunFolder
+from plumbing.results_folder import RunFolder
 from conftest import copy_results, folder_state
 from test_celeba_training import write_faces
 
@@ -124,7 +124,7 @@ CLASSIFIER_VALUES = {
 
 def test_random_overrides_of_the_classifier_run_or_stop_with_one_line(script_server, tmp_path):
     from conftest import fake_digits, write_mnist
-    from mnist_classifier import DEFAULT_WEIGHTS, weights_digest
+    from plumbing.mnist_quality import DEFAULT_WEIGHTS, weights_digest
     shipped = weights_digest(DEFAULT_WEIGHTS)
     data = write_mnist(tmp_path / 'data', fake_digits, 64, 32)
     base = [f'--data_dir={data}', '--weights=w.pt', '--train_epoch=1', '--batch_size=16', '--device=cpu']

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from plumbing import data, folder, machine
+from plumbing import data, hardware, results_folder, torchrun
 
 
 def checked(real, calls):
@@ -38,7 +38,7 @@ def test_choosing_a_gpu_turns_on_tf32_and_cudnn_s_benchmark(a_gpu, monkeypatch):
     before = ((torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) if spelled_new
               else (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
     try:
-        assert machine.pick_device('cuda') == torch.device('cuda')
+        assert hardware.pick_device('cuda') == torch.device('cuda')
         assert torch.backends.cudnn.benchmark is True
         if spelled_new:
             assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == \
@@ -53,7 +53,7 @@ def test_choosing_a_gpu_turns_on_tf32_and_cudnn_s_benchmark(a_gpu, monkeypatch):
 
 
 def test_auto_takes_bf16_on_a_gpu_that_has_it(a_gpu):
-    assert machine.choose_precision('auto', torch.device('cuda')) == (torch.bfloat16, 'this GPU (Some GPU) supports bf16')
+    assert hardware.choose_precision('auto', torch.device('cuda')) == (torch.bfloat16, 'this GPU (Some GPU) supports bf16')
 
 
 def test_a_batch_sliced_on_the_host_goes_to_the_gpu_pinned_and_without_waiting(monkeypatch):
@@ -85,28 +85,28 @@ def test_under_torchrun_on_gpus_each_process_joins_nccl_on_its_local_gpu(a_gpu, 
     monkeypatch.setattr(torch.distributed, 'init_process_group',
                         checked(torch.distributed.init_process_group, joined))
     monkeypatch.setattr(torch.cuda, 'set_device', lambda device: devices.append(device))
-    monkeypatch.setattr(machine, 'pick_device', lambda choice, local_rank=None: torch.device('cuda', local_rank))
-    monkeypatch.setattr(machine.atexit, 'register', lambda function: None)
-    monkeypatch.setattr(machine.sys, 'stdout', machine.sys.stdout)  # rank 1 sends its stdout to os.devnull
-    world = machine.World('cuda', batch_size=8, sync_batchnorm=True)
+    monkeypatch.setattr(torchrun, 'pick_device', lambda choice, local_rank=None: torch.device('cuda', local_rank))
+    monkeypatch.setattr(torchrun.atexit, 'register', lambda function: None)
+    monkeypatch.setattr(torchrun.sys, 'stdout', torchrun.sys.stdout)  # rank 1 sends its stdout to os.devnull
+    world = torchrun.World('cuda', batch_size=8, sync_batchnorm=True)
     assert world.device == torch.device('cuda', 1) and devices == [torch.device('cuda', 1)]
     (args, kwargs), = joined
     assert args == ('nccl',) and kwargs['device_id'] == torch.device('cuda', 1)
-    assert kwargs['timeout'] == machine.PROCESS_GROUP_TIMEOUT
+    assert kwargs['timeout'] == torchrun.PROCESS_GROUP_TIMEOUT
 
 
 def test_on_gpus_batchnorm_can_be_synchronised_and_ddp_takes_the_gpu(monkeypatch):
     wrapped = []
     monkeypatch.setattr(torch.nn.parallel, 'DistributedDataParallel',
                         checked(torch.nn.parallel.DistributedDataParallel, wrapped))
-    world = machine.World.__new__(machine.World)
+    world = torchrun.World.__new__(torchrun.World)
     world.size, world.sync_batchnorm, world.device = 2, True, torch.device('cuda', 0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
     world.parallel(model)
     (args, kwargs), = wrapped
     assert isinstance(args[0][1], torch.nn.SyncBatchNorm)
     assert kwargs['device_ids'] == [torch.device('cuda', 0)]
-    assert kwargs == {'device_ids': [torch.device('cuda', 0)], **machine.torch_compat.ddp_keeps_buffers_local()}
+    assert kwargs == {'device_ids': [torch.device('cuda', 0)], **torchrun.torch_compat.ddp_keeps_buffers_local()}
 
 
 def test_the_checkpoint_keeps_and_restores_the_gpu_s_random_state(a_gpu, monkeypatch, tmp_path):
@@ -117,14 +117,14 @@ def test_the_checkpoint_keeps_and_restores_the_gpu_s_random_state(a_gpu, monkeyp
     config = {'results_dir': str(tmp_path), 'resume': True, 'seed': 0, 'train_epoch': 2}
     G = torch.nn.Linear(2, 2)
     optimizer = torch.optim.Adam(G.parameters())
-    first = folder.RunFolder('M', config, models={'generator': G}, optimizers={'generator': optimizer},
+    first = results_folder.RunFolder('M', config, models={'generator': G}, optimizers={'generator': optimizer},
                              exports={'generator': G})
     first.start(lambda: {'z': torch.zeros(2, 2)})
     first.end_epoch(1, {'loss_d': 1.0, 'loss_g': 1.0}, 1.0, 2, {})
     first.finish()
     state = torch.load(os.path.join(tmp_path, 'checkpoint.pt'), weights_only=True)
     assert torch.equal(state['rng'][0]['cuda'], cuda_state)
-    again = folder.RunFolder('M', config, models={'generator': G}, optimizers={'generator': optimizer},
+    again = results_folder.RunFolder('M', config, models={'generator': G}, optimizers={'generator': optimizer},
                              exports={'generator': G})
     assert again.start(lambda: {'z': torch.zeros(2, 2)}) == 2
     assert len(restored) == 1 and torch.equal(restored[0], cuda_state)

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from plumbing import celeba, config, data, files, folder
+from plumbing import celeba, config, data, folder_lock, results_folder, safe_files
 from conftest import OFFLINE, REPO, copy_results, folder_state, run_script
 from test_celeba_training import write_faces
 
@@ -218,7 +218,7 @@ def test_where_the_file_system_cannot_lock_a_run_warns_and_goes_on(tmp_path, mon
     def no_locks(fd, operation):
         raise OSError(errno.ENOLCK, 'No locks available')  # an NFS mount without a lock service
     monkeypatch.setattr(fcntl, 'flock', no_locks)
-    folder.RunFolder('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
+    results_folder.RunFolder('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
     assert capsys.readouterr().err == (f'warning: cannot lock {tmp_path}/run.lock (No locks available); nothing '
                                        f'stops a second run from writing to {tmp_path}/ at the same time, so start '
                                        f'only one there\n')
@@ -246,7 +246,7 @@ def test_ctrl_c_says_which_epoch_the_checkpoint_really_holds(mnist_dir, tmp_path
 
 
 def test_ctrl_c_before_the_first_checkpoint_says_nothing_was_saved(tmp_path, capsys):
-    run = folder.RunFolder('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
+    run = results_folder.RunFolder('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
     run.history = [{'epoch': 1}]  # recorded, but interrupted before its checkpoint was written
     with pytest.raises(SystemExit) as stop:
         run.interrupted(KeyboardInterrupt())
@@ -272,8 +272,8 @@ def test_sigterm_while_starting_is_one_line(tmp_path):
     # What a script does before its training loop: World installs the SIGTERM handler, then the data and
     # the models load; here the signal arrives at that moment, every time.
     starting = ("import os, signal, common\n"
-                "from plumbing import machine\n"
-                "world = machine.World('cpu', batch_size=2)\n"
+                "from plumbing import torchrun\n"
+                "world = torchrun.World('cpu', batch_size=2)\n"
                 "os.kill(os.getpid(), signal.SIGTERM)\n"
                 "open('loaded_the_data', 'w').close()\n")
     done = subprocess.run([sys.executable, '-c', starting], cwd=tmp_path, capture_output=True, text=True,
@@ -388,13 +388,13 @@ def test_after_a_failed_write_the_preprocessing_workers_skip_the_rest_and_end_wi
 
 def test_a_write_the_system_refuses_is_one_line_and_leaves_the_old_file(tmp_path, monkeypatch, capsys):
     target = tmp_path / 'history.json'
-    files.save_json({'epochs': 1}, str(target))
+    safe_files.save_json({'epochs': 1}, str(target))
 
     def refuse(source, destination):  # as for a user without write permission on the folder
         raise PermissionError(errno.EACCES, 'Permission denied', destination)
     monkeypatch.setattr(os, 'replace', refuse)
     with pytest.raises(SystemExit) as stop:
-        files.save_json({'epochs': 2}, str(target))
+        safe_files.save_json({'epochs': 2}, str(target))
     assert stop.value.code == 1
     assert capsys.readouterr().err == (f'error: cannot write {target} (Permission denied); make its folder writable '
                                        f'or choose another, then run the same command again\n')
@@ -404,9 +404,9 @@ def test_a_write_the_system_refuses_is_one_line_and_leaves_the_old_file(tmp_path
 def test_an_unwritable_results_folder_is_one_line(tmp_path, monkeypatch, capsys):
     def refuse(path, mode):  # as open() fails for a user without write permission on the folder
         raise PermissionError(errno.EACCES, 'Permission denied', path)
-    monkeypatch.setattr(files, 'open', refuse, raising=False)
+    monkeypatch.setattr(folder_lock, 'open', refuse, raising=False)
     with pytest.raises(SystemExit) as stop:
-        folder.RunFolder('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
+        results_folder.RunFolder('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
     assert stop.value.code == 1
     assert capsys.readouterr().err == (f'error: cannot write {tmp_path}/run.lock (Permission denied); make its '
                                        f'folder writable or choose another, then run the same command again\n')

@@ -15,8 +15,9 @@ sys.path.insert(0, str(REPO))
 
 from plumbing import data  # noqa: E402
 from conftest import run_script  # noqa: E402
-from mnist_classifier import (DEFAULT_WEIGHTS, Classifier, MnistQuality, accuracy, frechet_distance,  # noqa: E402
-                              load_classifier, weights_digest)
+from mnist_classifier import accuracy  # noqa: E402
+from plumbing.mnist_quality import (DEFAULT_WEIGHTS, Classifier, MnistQuality, frechet_distance,  # noqa: E402
+                                    load_classifier, weights_digest)
 
 DATA = str(REPO / 'data')
 N = 2000

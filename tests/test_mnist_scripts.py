@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from plumbing.config import configure
-from plumbing.folder import RunFolder
-from plumbing.run import CollapseCheck
+from plumbing.collapse import CollapseCheck
+from plumbing.results_folder import RunFolder
 from conftest import OFFLINE, REPO, ModelWatch, assert_same_picture, assert_same_run, png_pixels, render, \
     run_in_process, run_script
 
@@ -113,7 +113,7 @@ def checkpoint(trained):
 
 def test_the_best_generator_is_the_epoch_of_the_lowest_fid(trained, mnist_dir):
     """Scored here on the run's fixed quality inputs, the kept generator gives the history's lowest fid."""
-    from mnist_classifier import MnistQuality
+    from plumbing.mnist_quality import MnistQuality
     _, best = load_generator(trained, 'generator_best')
     fixed = checkpoint(trained)['fixed']
     conditions = (fixed['quality_labels'],) if trained['conditional'] else ()

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import OFFLINE, REPO, folder_state
-from plumbing.folder import RunFolder
+from plumbing.results_folder import RunFolder
 from test_hardening import trained, work  # noqa: F401  (fixtures: out/ trained one tiny epoch, a copy)
 from test_hardening import assert_refused, start, tiny, wait_for_line
 

@@ -81,7 +81,7 @@ def test_resume_refuses_a_checkpoint_carrying_code(script, mnist_dir, tmp_path, 
 
 
 def test_the_quality_classifier_refuses_weights_carrying_code(mnist_dir, tmp_path, capsys):
-    from mnist_classifier import MnistQuality
+    from plumbing.mnist_quality import MnistQuality
     marker = tmp_path / 'code_ran'
     write_booby_trap(tmp_path / 'classifier.pt', marker)
     with pytest.raises(SystemExit) as stop:

@@ -11,7 +11,8 @@ import torch
 
 import mnist_classifier
 from conftest import REPO, fake_digits, folder_state, write_mnist
-from mnist_classifier import DEFAULT_WEIGHTS, RETRAINED_WEIGHTS, MnistQuality, weights_digest
+from mnist_classifier import RETRAINED_WEIGHTS
+from plumbing.mnist_quality import DEFAULT_WEIGHTS, Classifier, MnistQuality, weights_digest
 
 SPEED = 'benchmarks/speed.py'
 
@@ -61,7 +62,7 @@ def test_an_existing_file_is_replaced_only_with_overwrite(script_server, tiny_mn
     replaced = script_server('mnist_classifier.py', train_args(tiny_mnist, 'old.pt', '--overwrite=True'), tmp_path)
     assert replaced['status'] == 0, replaced['stderr']
     assert '[1/1] train loss:' in replaced['stdout']
-    mnist_classifier.Classifier().load_state_dict(torch.load(old, weights_only=True))
+    Classifier().load_state_dict(torch.load(old, weights_only=True))
     assert sorted(p.name for p in tmp_path.iterdir()) == ['old.pt']
 
 
@@ -124,10 +125,10 @@ def test_a_relative_benchmark_output_is_beneath_the_repository(script_server, tm
 
 
 def test_an_output_folder_without_write_permission_is_one_line_before_the_work(tmp_path, monkeypatch, capsys):
-    from plumbing import files
-    monkeypatch.setattr(files.os, 'access', lambda path, mode: False)  # as for a user without the permission
+    from plumbing import safe_files
+    monkeypatch.setattr(safe_files.os, 'access', lambda path, mode: False)  # as for a user without the permission
     with pytest.raises(SystemExit) as stop:
-        files.check_output_path('weights', f'{tmp_path}/w.pt', f'{tmp_path}/w.pt', 'w.pt')
+        safe_files.check_output_path('weights', f'{tmp_path}/w.pt', f'{tmp_path}/w.pt', 'w.pt')
     assert stop.value.code == 1
     assert capsys.readouterr().err == (f"error: --weights={tmp_path}/w.pt: cannot write in {tmp_path}; make it "
                                        f"writable or pass another --weights\n")
@@ -198,7 +199,7 @@ def test_the_benchmark_refuses_bf16_on_a_gpu_without_it_before_measuring(monkeyp
     spec = importlib.util.spec_from_file_location('speed', REPO / SPEED)
     speed = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(speed)
-    monkeypatch.setattr(speed.machine, 'pick_device', lambda choice: torch.device('cuda'))
+    monkeypatch.setattr(speed.hardware, 'pick_device', lambda choice: torch.device('cuda'))
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation: False)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device: 'Tesla T4')

@@ -19,13 +19,13 @@ RECORDER = '''
 import runpy, sys, torch
 sys.path.insert(0, {repo!r})
 import common
-from plumbing import machine
-from plumbing.folder import RunFolder
+from plumbing import distributed
+from plumbing.results_folder import RunFolder
 end_epoch = RunFolder.end_epoch
 def recording_end_epoch(self, epoch, *args, **kwargs):
     end_epoch(self, epoch, *args, **kwargs)
     torch.save({{name: model.state_dict() for name, model in self.models.items()}},
-               f"{{self.dir}}.rank{{machine.rank()}}.epoch{{epoch}}.pt")
+               f"{{self.dir}}.rank{{distributed.rank()}}.epoch{{epoch}}.pt")
 RunFolder.end_epoch = recording_end_epoch
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name='__main__')

@@ -1,18 +1,17 @@
-"""Files: atomic writes that fail with one line, torch files read as weights only, trained generators,
-and the lock that gives a results folder to one run at a time."""
-import datetime
+"""Files written atomically and read safely: a write that fails is one line and leaves the old file, a torch
+file is read as weights only and after its checksums."""
 import errno
 import io
 import json
 import os
 import re
-import sys
 import warnings
 import zipfile
 
 import torch
 
-from plumbing.machine import fail, writes_files
+from plumbing.console import fail
+from plumbing.distributed import writes_files
 
 
 def atomic_write(path, write):
@@ -172,71 +171,3 @@ def load_state_dict(path, remedy):
     if not is_state_dict(state):
         fail(f"{path} is damaged: it holds no state_dict of weights; {remedy}")
     return state
-
-
-def generator_weights(results_dir, model_name, generate_from):
-    """The generator file --generate samples from: the best by fid, or the last epoch's."""
-    if generate_from not in ('best', 'last'):
-        fail(f"--generate_from={generate_from}: choose best or last", 2)
-    best = os.path.join(results_dir, f"{model_name}_generator_best.pt")
-    if generate_from == 'best' and os.path.exists(best):
-        return best
-    last = os.path.join(results_dir, f"{model_name}_generator.pt")
-    if generate_from == 'best' and os.path.exists(last):
-        print(f"no {best} (quality was not measured); sampling from the last generator")
-    if generate_from == 'last' and not os.path.exists(last) and os.path.exists(best):
-        fail(f"no {last}, the last epoch's generator; {best} is there: pass --generate_from=best to sample from it")
-    return last
-
-
-def load_weights(model, path):
-    """Load a state_dict saved by a training run, or stop with one line saying how to get it.
-
-    A training run replaces its weight files atomically, so this reads complete files while it trains.
-    """
-    if not os.path.exists(path):
-        fail(f"no trained generator at {path}; train first (run the script without --generate)")
-    state = load_state_dict(path, "delete it and train again (run the script without --generate)")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError:
-        fail(f"{path} was trained with other model constants (z_dim, d, img_size, ...) or by another script; "
-             f"pass the constants it was trained with (its *_train_hist.json lists them) or another --results_dir")
-    return model
-
-
-LOCK_FILE = 'run.lock'
-
-
-def lock_folder(folder):
-    """Claim folder for this process alone: an exclusive lock on folder/run.lock, which the OS releases
-    when the process ends, however it ends, so a killed run leaves no stale lock. Returns the open lock
-    file, to be kept open while the run writes; a second process stops here with one line naming the
-    process that holds the lock. Where the file system cannot lock (no fcntl, as on Windows; an NFS
-    mount without a lock service) one line warns that nothing keeps a second run out, and the run goes on.
-    """
-    path = os.path.join(folder, LOCK_FILE)
-    try:
-        lock = open(path, 'a+')  # not truncated on opening: the holder's line stays readable
-    except OSError as e:
-        output_failed(path, e)
-    try:
-        import fcntl
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:  # held: EWOULDBLOCK
-        lock.seek(0)
-        holder = lock.read().strip() or 'another process that is just starting'
-        fail(f"{folder}/ is in use by another run ({holder}); wait for it to end, or pass another --results_dir")
-    except (ImportError, OSError) as e:  # no fcntl, or ENOLCK / EOPNOTSUPP from the file system
-        cause = getattr(e, 'strerror', None) or 'this system has no fcntl'
-        print(f"warning: cannot lock {path} ({cause}); nothing stops a second run from writing to "
-              f"{folder}/ at the same time, so start only one there", file=sys.stderr, flush=True)
-        return lock
-    import socket
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"pid {os.getpid()} on {socket.gethostname()} since {datetime.datetime.now():%Y-%m-%d %H:%M}: "
-               f"{' '.join(sys.argv)}\n")
-    lock.flush()
-    return lock
-

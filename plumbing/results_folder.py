@@ -1,5 +1,5 @@
-"""The files of one training run in its results folder: the lock, the checkpoint and resuming from it,
-the history, the best generator, the final outputs, and the one line an interruption ends with."""
+"""The files of one training run in its results folder: the checkpoint and resuming from it, the history,
+the best generator, the final outputs, and the one line an interruption ends with."""
 import math
 import os
 import re
@@ -7,11 +7,13 @@ import sys
 
 import torch
 
-from plumbing.files import (is_state_dict, load_torch, lock_folder, make_folder, output_failed,
-                            remove_dead_temporaries, save_json, save_torch)
+from plumbing.console import fail
+from plumbing.distributed import barrier, gather, rank, world_size, writes_files
+from plumbing.folder_lock import lock_folder
 from plumbing.images import plot_curves, save_animation, save_grid
 from plumbing.interrupts import Stopped
-from plumbing.machine import barrier, fail, gather, rank, world_size, writes_files
+from plumbing.safe_files import (is_state_dict, load_torch, make_folder, output_failed, remove_dead_temporaries,
+                                 save_json, save_torch)
 
 
 class RunFolder:
@@ -223,7 +225,8 @@ class RunFolder:
         return self.path('Random_results', f"{self.name}_{epoch}.png")
 
     def finish(self):
-        """Loss plot, animation and the closing timing line, from the whole history; then the folder is free."""
+        """Loss and quality plots, animation and the closing timing line, from the whole history; then the
+        folder is free."""
         if self.history:
             self._final_outputs()
         if self.lock is not None:
@@ -231,6 +234,11 @@ class RunFolder:
 
     def _final_outputs(self):
         plot_curves(self.history, [('loss', ['loss_d', 'loss_g'], 'linear')], self.path(f"{self.name}_train_hist.png"))
+        if self.best_by:
+            shares = [key for key in ('class_acc', 'class_entropy') if key in self.history[0]]
+            # fid falls from ~1000 to single digits: only a log scale shows the late epochs.
+            plot_curves(self.history, [('fid (lower is better)', [self.best_by], 'log'),
+                                       ('share or nats', shares, 'linear')], self.path(f"{self.name}_quality.png"))
         frames = [path for path in map(self.fixed_grid_path, (h['epoch'] for h in self.history))
                   if os.path.exists(path)]
         if frames:
