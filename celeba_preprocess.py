@@ -21,8 +21,10 @@ import signal
 import time
 import zipfile
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from io import BytesIO
-from multiprocessing import Event, Pool
+from multiprocessing import Event
 
 from PIL import Image, ImageChops, ImageStat, UnidentifiedImageError
 from tqdm import tqdm
@@ -70,8 +72,11 @@ def locate(root):
 
 def read_table(path):
     """The attribute file as (column names, rows of [image name, values ...]); fail if its header is wrong."""
-    with open(path, encoding='utf-8-sig', errors='replace') as f:  # -sig: a BOM an editor added is no name
-        lines = [line for line in f.read().splitlines() if line.strip()]
+    try:
+        with open(path, encoding='utf-8-sig', errors='replace') as f:  # -sig: a BOM an editor added is no name
+            lines = [line for line in f.read().splitlines() if line.strip()]
+    except OSError as e:  # a folder of that name, no permission
+        fail(f"cannot read {path} ({e.strerror or e}); it should be CelebA's attribute file, readable")
     if path.endswith('.csv'):  # Kaggle: image_id,5_o_Clock_Shadow,...  then  000001.jpg,-1,1,...
         header = lines[0].split(',') if lines else []
         if header[:1] != ['image_id']:
@@ -113,6 +118,9 @@ def list_images(images):
             found = {n: os.path.join(images, n) for n in os.listdir(images) if n.endswith('.jpg')}
     except zipfile.BadZipFile as e:
         fail(f"cannot read {images} ({e}); download it again from {CELEBA_PAGE}")
+    except OSError as e:  # a file where the folder should be, a folder where the zip should be, no permission
+        what = "the zip of CelebA's faces" if images.endswith('.zip') else "CelebA's folder of faces"
+        fail(f"cannot read {images} ({e.strerror or e}); it should be {what}, readable")
     if not found:
         fail(f"{images} holds no .jpg images; it should hold CelebA's 000001.jpg ... 202599.jpg")
     return found
@@ -189,22 +197,25 @@ def start_worker(stop):
 
 def convert_all(jobs, zip_path, size, crop, processes):
     """Run convert over the jobs on all processes, with a progress bar; return its results. After a failed
-    write, Ctrl-C or SIGTERM the workers skip what is left, and the pool ends by close() and join(): its
-    terminate() can hang, killing a worker that holds the task queue's lock."""
+    write, Ctrl-C or SIGTERM the workers skip what is left and the pool is shut down. A worker that dies (the
+    out-of-memory killer, a kill -9) breaks the pool: that stops the preprocessing with one line, and a
+    rerun converts what is left."""
     work = functools.partial(convert, zip_path=zip_path, size=size, crop=crop)
     chunk = max(1, min(64, len(jobs) // (4 * processes)))  # big enough to save IPC, small enough to share out
     stop = Event()
-    pool = Pool(processes, initializer=start_worker, initargs=(stop,))
     results = []
-    try:
-        for result in tqdm(pool.imap_unordered(work, jobs, chunk), total=len(jobs), unit='img', disable=None):
-            results.append(result)
-            if result[1] == 'unwritable':
-                stop.set()
-    finally:
-        stop.set()
-        pool.close()
-        pool.join()
+    with ProcessPoolExecutor(processes, initializer=start_worker, initargs=(stop,)) as pool:
+        try:
+            for result in tqdm(pool.map(work, jobs, chunksize=chunk), total=len(jobs), unit='img', disable=None):
+                results.append(result)
+                if result[1] == 'unwritable':
+                    stop.set()
+        except BrokenProcessPool:
+            fail(f"a worker process died (killed, or out of memory) after {len(results)} of {len(jobs)} faces; "
+                 f"run the same command again: it converts those not written yet")
+        finally:
+            stop.set()
+            pool.shutdown(cancel_futures=True)
     return results
 
 

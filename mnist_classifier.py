@@ -63,7 +63,7 @@ def check_weights_path():
 
 def check_batch(n_train):
     """Training takes full batches only: say so before training, in the classifier's own constants (it has no
-    --train_limit, which plumbing.data.require_a_batch advises). load_mnist refuses fewer than 2 images."""
+    --train_limit). load_mnist refuses fewer than 2 images."""
     where = os.path.join(data_dir, 'MNIST', 'raw')
     if n_train < batch_size:
         fail(f"--batch_size={batch_size} is more than the {n_train} training images in {where}; "

@@ -11,7 +11,7 @@ import torch
 
 from plumbing.data import evenly_spaced, require_a_batch
 from plumbing.console import fail, progress
-from plumbing.distributed import writes_files
+from plumbing.distributed import barrier, writes_files
 from plumbing.safe_files import atomic_write, remove_dead_temporaries, save_json
 
 
@@ -93,7 +93,14 @@ def image_folder_tensor(folder, size, command, elsewhere=None):
         fail(f"{folder}/ is missing or has no class folders of images; make it with: {command}")
     data_path = os.path.normpath(folder) + '.u8'
     index = {'fingerprint': fingerprint, 'shape': [len(paths), 3, size, size]}
-    if writes_files() and not cache_is_sound(index, data_path):
+    # Under torchrun rank 0 alone checks the cache, and removes the index of one it will decode again before
+    # the others pass the barrier; they then wait for a current index (for minutes, on all of CelebA: longer
+    # than a collective may wait), so no process maps a cache that is not sound.
+    decode = writes_files() and not cache_is_sound(index, data_path)
+    if decode and os.path.exists(data_path + '.json'):
+        os.remove(data_path + '.json')
+    barrier()
+    if decode:
         cache_name = os.path.splitext(os.path.basename(data_path))[0]  # faces: faces.tmp123.u8, faces.u8.tmp123.json
         remove_dead_temporaries(os.path.dirname(data_path), prefix=cache_name + '.')
         made_here = read_settings(folder) is not None
@@ -101,7 +108,7 @@ def image_folder_tensor(folder, size, command, elsewhere=None):
                     elsewhere or f"make it with: {command}")
         # last: a cache without its index is never trusted
         save_json({**index, 'crc32': file_crc32(data_path)}, data_path + '.json')
-    while not cache_is_current(index, data_path):  # under torchrun: rank 0 decodes, for minutes on all of CelebA
+    while not cache_is_current(index, data_path):
         time.sleep(1)
     try:
         images = torch.from_file(data_path, shared=False, size=math.prod(index['shape']), dtype=torch.uint8)
@@ -180,6 +187,7 @@ def decode_into(data_path, paths, shape, folder, command, elsewhere):
         with open(temp, 'wb') as f:  # made here, not by from_file, for the usual permissions (umask, not 0600)
             reserve(f, math.prod(shape))
         images = torch.from_file(temp, shared=True, size=math.prod(shape), dtype=torch.uint8).view(shape)
+        misfits = []  # (path, size) of the images of another size
         for i, path in enumerate(progress(paths, 'decoding')):
             pixels = None
             try:
@@ -188,12 +196,23 @@ def decode_into(data_path, paths, shape, folder, command, elsewhere):
                     if found == (width, height):
                         pixels = pil_to_tensor(im.convert('RGB'))
             except Exception:  # whatever a damaged file makes the decoder raise (OSError mostly), it means the same
-                fail(f"cannot decode {path}: it is damaged; " + (f"delete it and make it again with: {command}"
-                     if command else f"replace it with a good copy, or move it out of {folder}/"))
+                remedy = (f"delete it and make it again with: {command} (with --celeba_dir=FOLDER where CelebA as "
+                          f"downloaded is not in data/celebA/)" if command else
+                          f"replace it with a good copy, or move it out of {folder}/")
+                fail(f"cannot decode {path}: it is damaged; {remedy}")
             if pixels is None:
-                fail(f"{path} is {found[0]}x{found[1]}, not {width}x{height}: {folder}/ holds images of another "
-                     f"size, not faces celeba_preprocess.py made at img_size {width}; {elsewhere}")
-            images[i] = pixels
+                misfits.append((path, found))
+            else:
+                images[i] = pixels
+        if len(misfits) == len(paths):
+            path, found = misfits[0]
+            fail(f"{path} is {found[0]}x{found[1]}, not {width}x{height}: {folder}/ holds images of another "
+                 f"size, not faces celeba_preprocess.py made at img_size {width}; {elsewhere}")
+        if misfits:
+            named = ', '.join(f"{path} ({found[0]}x{found[1]})" for path, found in misfits[:3])
+            more = f" and {len(misfits) - 3} more" if len(misfits) > 3 else ""
+            fail(f"{len(misfits)} of the {len(paths)} images in {folder}/ are not {width}x{height}: {named}{more}; "
+                 f"move them out of {folder}/")
     atomic_write(data_path, write)
 
 
@@ -254,7 +273,7 @@ def load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, device):
     if train_limit:
         keep = evenly_spaced(len(images), min(train_limit, len(images)))
         images, labels = images[keep], labels[keep]
-    require_a_batch(len(images), batch_size)
+    require_a_batch(len(images), batch_size, data_dir)
     if device.type == 'cuda' and images.nbytes < torch.cuda.mem_get_info(device)[0] // 2:
         images, labels = images.to(device), labels.to(device)
     return images, labels

@@ -107,10 +107,11 @@ def parse_value(name, text, default):
     else:
         try:
             value = kind(text)
-            if kind is not float or math.isfinite(value):
-                return value
         except ValueError:
-            pass
+            fail(f"--{name}={text}: expected {kind.__name__} (default {default!r})", 2)
+        if kind is not float or math.isfinite(value):
+            return value
+        fail(f"--{name}={text}: expected a finite number (default {default!r})", 2)
     fail(f"--{name}={text}: expected {kind.__name__} (default {default!r})", 2)
 
 
@@ -150,7 +151,8 @@ def configure(namespace, argv=None):
             namespace[name] = os.path.expanduser(namespace[name])
     if 'data_dir' in names and 'data_dir' not in given and namespace['data_dir'] \
             and not os.path.isabs(namespace['data_dir']):  # the default: the data shipped beside the scripts
-        namespace['data_dir'] = os.path.join(os.path.dirname(os.path.abspath(namespace['__file__'])),
+        # realpath: the script's own folder, also where it was started through a symbolic link
+        namespace['data_dir'] = os.path.join(os.path.dirname(os.path.realpath(namespace['__file__'])),
                                              namespace['data_dir'])
     return {name: namespace[name] for name in names}
 
@@ -186,4 +188,8 @@ def resolve(namespace, argv=None):
         model += '_crop' if constants['isCrop'] else ''
         for name, default in (('data_dir', celeba_folder(constants['isCrop'])), ('results_dir', f"{model}_results")):
             constants[name] = namespace[name] = constants[name] or default
+        data, results = (os.path.realpath(constants[name]) for name in ('data_dir', 'results_dir'))
+        if os.path.commonpath([data, results]) == data:  # its grids would be read as faces
+            fail(f"--results_dir={constants['results_dir']} is inside the faces' folder {constants['data_dir']}/; "
+                 f"pass a --results_dir outside it", 2)
     return RunConfig(constants, model, namespace['BF16_BY_DEFAULT'])

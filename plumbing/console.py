@@ -19,8 +19,9 @@ def fail(message, status=1, every_rank=False):
 
 
 class _LosableStdout:
-    """sys.stdout that, once its reader has gone (`python mnist_gan.py | head -1`), sends what follows
-    to os.devnull instead of raising BrokenPipeError: losing the output must not stop a training."""
+    """sys.stdout that, once its reader has gone (`python mnist_gan.py | head -1`) or its disk is full
+    (`> /dev/full`), sends what follows to os.devnull instead of raising: losing the output must not stop
+    a training."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -28,14 +29,14 @@ class _LosableStdout:
     def write(self, text):
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
+        except OSError:  # BrokenPipeError, or ENOSPC
             self._lost()
             return len(text)
 
     def flush(self):
         try:
             self._stream.flush()
-        except BrokenPipeError:
+        except OSError:
             self._lost()
 
     def _lost(self):
@@ -47,6 +48,8 @@ class _LosableStdout:
 
 
 def keep_training_without_stdout():
+    if sys.stdout is None:  # started with stdout closed (>&-): Python then has none
+        sys.stdout = open(os.devnull, 'w')
     if not isinstance(sys.stdout, _LosableStdout):
         sys.stdout = _LosableStdout(sys.stdout)
 

@@ -108,15 +108,16 @@ def mnist_training_set(data_dir, img_size, train_limit, batch_size, device):
     images, labels = load_mnist(data_dir, train=True)
     if train_limit:
         images, labels = images[:train_limit], labels[:train_limit]
-    require_a_batch(len(images), batch_size)
+    require_a_batch(len(images), batch_size, os.path.join(data_dir, 'MNIST', 'raw'))
     return resize_images(images, img_size).to(device), labels.to(device)
 
 
-def require_a_batch(n_images, batch_size):
-    """Training uses full batches only, so it needs at least one."""
+def require_a_batch(n_images, batch_size, where):
+    """Training uses full batches only, so it needs at least one of the n_images it takes from where (the
+    command line already refused a --train_limit under one batch)."""
     if n_images < batch_size:
-        fail(f"{n_images} training images is less than one batch of {batch_size}; "
-             f"raise --train_limit or lower --batch_size")
+        fail(f"{where}/ holds {n_images} training image(s), less than one batch of {batch_size}; "
+             + (f"pass --batch_size={n_images} or lower" if n_images >= 2 else "add images"))
 
 
 def resize_images(images, size):

@@ -46,7 +46,8 @@ def save_animation(frame_paths, gif_path, seconds_per_frame=0.5):
         return
     frames = [imageio.imread(p) for p in frame_paths]
     gif = io.BytesIO()  # encoded in memory: imageio reports a failed file write again, as a traceback, later
-    imageio.mimwrite(gif, frames, format='GIF', duration=seconds_per_frame, loop=0)
+    # imageio 2's GIF writer (Pillow's) takes each frame's duration in milliseconds
+    imageio.mimwrite(gif, frames, format='GIF', duration=1000 * seconds_per_frame, loop=0)
     save_bytes(gif.getbuffer(), gif_path)
 
 
@@ -57,12 +58,14 @@ def plot_curves(history, panels, path):
         return
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     epochs = [h['epoch'] for h in history]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (ylabel, keys, yscale) in zip(axes[0], panels):
         for key in keys:
             ax.plot(epochs, [h[key] for h in history], marker='.', label=key)
         ax.set_xlabel('epoch')
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
         ax.set_ylabel(ylabel)
         ax.set_yscale(yscale)
         ax.legend()

@@ -6,6 +6,10 @@ import os
 import sys
 
 
+# What the process is doing while no Run explains an interruption: what its one line says it was doing.
+doing = "while starting, before any epoch was trained"
+
+
 class Stopped(BaseException):
     """SIGTERM: a job scheduler stopping the run, or torchrun stopping it after another process failed.
 
@@ -23,7 +27,7 @@ def _one_line_interrupt(kind, value, traceback, previous=sys.excepthook):
     if not issubclass(kind, (KeyboardInterrupt, Stopped)) or sys.flags.interactive or hasattr(sys, 'ps1'):
         return previous(kind, value, traceback)
     cause, status = ("interrupted", 130) if issubclass(kind, KeyboardInterrupt) else ("stopped by SIGTERM", 143)
-    print(f"error: {cause} while starting, before any epoch was trained; run the same command again",
+    print(f"error: {cause} {doing}; run the same command again",
           file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -13,6 +13,7 @@ as the digit they were generated for.
 import hashlib
 import math
 import os
+import shlex
 
 import torch
 import torch.nn as nn
@@ -63,17 +64,24 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
+def how_to_restore(path):
+    """What makes a classifier at path again: the shipped file from git, or a training run written there."""
+    train = shlex.join(['python', 'mnist_classifier.py', f'--weights={path}', '--overwrite=True'])
+    if os.path.abspath(path) == DEFAULT_WEIGHTS:
+        return f"restore the shipped file (in a clone: git checkout -- mnist_classifier.pt), or train one there: {train}"
+    return f"train one there: {train}"
+
+
 def load_classifier(path, run_device):
     """The trained classifier in eval mode, or stop with one line saying how to get it."""
     if not os.path.exists(path):
-        fail(f"no trained MNIST classifier at {path}; run python mnist_classifier.py to train it")
+        fail(f"no trained MNIST classifier at {path}; {how_to_restore(path)}")
     model = Classifier()
-    retrain = "run python mnist_classifier.py to train it again"
-    state = load_state_dict(path, retrain)
+    state = load_state_dict(path, how_to_restore(path))
     try:
         model.load_state_dict(state)
     except RuntimeError:
-        fail(f"{path} does not fit this Classifier; {retrain}")
+        fail(f"{path} does not fit this Classifier; {how_to_restore(path)}")
     return model.to(run_device).eval()
 
 
@@ -85,8 +93,7 @@ def weights_digest(path):
             for chunk in iter(lambda: f.read(1 << 20), b''):
                 digest.update(chunk)
     except OSError as e:
-        fail(f"cannot read {path} ({e.strerror or e}); if it is the shipped mnist_classifier.pt, restore it "
-             f"from git, else run python mnist_classifier.py to train one")
+        fail(f"cannot read {path} ({e.strerror or e}); {how_to_restore(path)}")
     return digest.hexdigest()
 
 

@@ -4,11 +4,12 @@ import math
 import os
 import re
 import sys
+import warnings
 
 import torch
 
 from plumbing.console import fail
-from plumbing.distributed import barrier, gather, rank, world_size, writes_files
+from plumbing.distributed import barrier, from_rank0, gather, rank, world_size, writes_files
 from plumbing.folder_lock import lock_folder
 from plumbing.images import plot_curves, save_animation, save_grid
 from plumbing.interrupts import Stopped
@@ -20,9 +21,11 @@ class RunFolder:
     """The files of one training run in results_dir and what survives an interruption.
 
     The run holds results_dir alone from start to finish (lock_folder). After every epoch: the grids,
-    the weights, the JSON history and last a checkpoint with everything needed to continue (models,
-    optimizers, GradScaler, history, fixed inputs, RNG states, constants, and which script and model
-    made it), each replaced atomically so a kill at any moment leaves the last complete epoch; only
+    first a checkpoint with everything needed to continue (models, optimizers, GradScaler, history, fixed
+    inputs, RNG states, constants, the best generator, and which script and model made it), then what can
+    be made from it: the weights, the best generator and the JSON history. Each file is replaced
+    atomically, and a resume (or the rerun of a finished run) writes the latter again from the checkpoint,
+    so a kill at any moment leaves the last complete epoch, and its files agree with it once resumed. Only
     then the epoch's line is printed, so a printed epoch is a saved one.
     """
     # What a resume may change: how long to train and how the run is carried out. Every other constant
@@ -47,6 +50,7 @@ class RunFolder:
         self.best_by = best_by
         self.yardstick = yardstick
         self.history = []
+        self.best_state = None  # the best generator's weights (best_by), kept in the checkpoint
         self.config_changes = []  # [{'epoch': the first trained with them, name: [before, now], ...}, ...]
         self.fixed = {}
         self.saved_epoch = 0  # the epoch checkpoint.pt holds: what an interruption keeps
@@ -73,14 +77,33 @@ class RunFolder:
         if rank():
             torch.manual_seed(hash((self.config['seed'], rank())))
         self.fixed = make_fixed_inputs()
-        if self.config['resume'] and os.path.exists(self.checkpoint_path):
+        resume = self.config['resume'] and os.path.exists(self.checkpoint_path)
+        refusal = self._refusal(resume) if writes_files() else None
+        if from_rank0(refusal is not None):  # rank 0 looked; every process stops alike
+            fail(refusal)
+        if resume:
             self.resuming = True
             first_epoch = self._restore()
             self.resuming = False
+            self._write_what_the_checkpoint_makes()
             return first_epoch
         if writes_files():
             self._remove_earlier_outputs()
         return 1
+
+    def _refusal(self, resume):
+        """Why this run cannot start in its folder, before it trains or removes anything, or None: a folder
+        where one of its files goes (it would fail at the first save), or, starting afresh, another model's
+        checkpoint (a fresh start removes only what this model made)."""
+        for path in [self.checkpoint_path, self.best_generator_path(), self.path(f"{self.name}_train_hist.json"),
+                     *(self.path(f"{self.name}_{name}.pt") for name in self.exports)]:
+            if os.path.isdir(path):
+                return f"{path} is a folder, where this run writes a file; move it away or pass another --results_dir"
+        owner = None if resume else checkpoint_owner(self.checkpoint_path)
+        if owner not in (None, self.name):
+            return (f"{self.checkpoint_path} is the checkpoint of another model, {owner}; a fresh start of {self.name} "
+                    f"would remove it: pass another --results_dir")
+        return None
 
     def _remove_earlier_outputs(self):
         """Starting afresh: the outputs an earlier run of this model left here would pass for this run's
@@ -140,6 +163,7 @@ class RunFolder:
         if self.scaler is not None and state.get('scaler'):  # empty where the run was not fp16
             self.scaler.load_state_dict(state['scaler'])
         self.history = state['history']
+        self.best_state = state.get('best_generator')  # None in a checkpoint from before it was kept there
         self.fixed = state['fixed']
         self.saved_epoch = epoch = state['epoch']
         self.config_changes = state.get('config_changes', [])
@@ -162,8 +186,8 @@ class RunFolder:
         return epoch + 1
 
     def end_epoch(self, epoch, scores, seconds, n_images, grids):
-        """Record a finished epoch: check it, save grids, weights, history and last the checkpoint, then
-        print its line.
+        """Record a finished epoch: check it, save its grids, the checkpoint and then the files made from it
+        (weights, best generator, history), then print its line.
 
         scores: the epoch's named means and quality scores, e.g. {'loss_d': ..., 'fid': ...};
         grids: {path: (images, columns)}, captioned "Epoch N"; n_images: this process's, of all processes'.
@@ -179,20 +203,21 @@ class RunFolder:
         self.history.append(stats)
         for path, (images, columns) in grids.items():
             save_grid(images, path, columns, label=f"Epoch {epoch}")
-        for name, model in self.exports.items():
-            save_torch(model.state_dict(), self.path(f"{self.name}_{name}.pt"))
-        self._keep_if_best(epoch)
-        self.save_history()
+        best = self.best()
+        if best is not None and best['epoch'] == epoch:
+            self.best_state = self.exports['generator'].state_dict()
         state = {'epoch': epoch, 'model': self.name, 'script': self.script, 'config': self.config,
                  'config_changes': self.config_changes, 'yardstick': self.yardstick,
                  'history': self.history, 'fixed': self.fixed,
                  'models': {n: m.state_dict() for n, m in self.models.items()},
                  'optimizers': {n: o.state_dict() for n, o in self.optimizers.items()},
                  'scaler': self.scaler.state_dict() if self.scaler is not None else {},
+                 'best_generator': self.best_state,
                  'rng': gather({'cpu': torch.get_rng_state(),
                                 'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None})}
         save_torch(state, self.checkpoint_path)
         self.saved_epoch = epoch
+        self._write_what_the_checkpoint_makes()
         named = ''.join(f", {name}: {value:.3f}" for name, value in scores.items())
         print(f"[{epoch}/{self.config['train_epoch']}] - ptime: {seconds:.2f}{named}, "
               f"{stats['images_per_second']:.0f} img/s", flush=True)
@@ -207,10 +232,13 @@ class RunFolder:
     def best_generator_path(self):
         return self.path(f"{self.name}_generator_best.pt")
 
-    def _keep_if_best(self, epoch):
-        best = self.best()
-        if best is not None and best['epoch'] == epoch:
-            save_torch(self.exports['generator'].state_dict(), self.best_generator_path())
+    def _write_what_the_checkpoint_makes(self):
+        """The files made from the checkpoint's state: the weights, the best generator and the history."""
+        for name, model in self.exports.items():
+            save_torch(model.state_dict(), self.path(f"{self.name}_{name}.pt"))
+        if self.best_state is not None:
+            save_torch(self.best_state, self.best_generator_path())
+        self.save_history()
 
     def save_history(self):
         seconds = sum(h['seconds'] for h in self.history)
@@ -273,3 +301,16 @@ class RunFolder:
         fail(f"stopped: {type(cause).__name__}: {str(cause).splitlines()[0]} (if another process of this run "
              f"failed, its own output says why); {saved}", 1, every_rank=True)
 
+
+def checkpoint_owner(path):
+    """The model whose checkpoint path holds, or None where there is none or it cannot be read as one (a
+    damaged checkpoint is no run's to keep)."""
+    if not os.path.isfile(path):
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        try:
+            state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)  # reads only what it needs
+        except Exception:  # whatever a damaged file makes the reader raise: it is no checkpoint to keep
+            return None
+    return state.get('model') if isinstance(state, dict) else None

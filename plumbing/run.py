@@ -7,12 +7,13 @@ import time
 
 import torch
 
+from plumbing import interrupts
 from plumbing.collapse import CollapseCheck
 from plumbing.config import resolve
 from plumbing.console import fail, keep_training_without_stdout, progress
 from plumbing.data import real_batch, shuffled_batches, to_unit_range
-from plumbing.hardware import autocast_dtype, synchronize
 from plumbing.distributed import world_size
+from plumbing.hardware import autocast_dtype, synchronize
 from plumbing.images import save_grid
 from plumbing.interrupts import Stopped
 from plumbing.results_folder import RunFolder
@@ -31,6 +32,7 @@ def main(namespace, train, generate_samples):
                   constants.get('sync_batchnorm', False))
     torch.manual_seed(constants['seed'])
     if constants['generate']:
+        interrupts.doing = "while writing samples, before any was saved; no trained file was changed"
         generate_samples(Run(config, world))
     else:
         with Run(config, world) as run:
@@ -224,7 +226,8 @@ def generator_weights(results_dir, model_name, generate_from):
         return best
     last = os.path.join(results_dir, f"{model_name}_generator.pt")
     if generate_from == 'best' and os.path.exists(last):
-        print(f"no {best} (quality was not measured); sampling from the last generator")
+        print(f"no {best}: a run keeps one where it measures quality (quality_samples > 0), and a resume "
+              f"writes it again from the checkpoint; sampling from the last generator")
     if generate_from == 'last' and not os.path.exists(last) and os.path.exists(best):
         fail(f"no {last}, the last epoch's generator; {best} is there: pass --generate_from=best to sample from it")
     return last

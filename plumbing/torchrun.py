@@ -66,8 +66,8 @@ class World:
         if generate:
             fail("--generate samples in one process: run it with python, not torchrun", 2)
         if batch_size % self.size:
-            fail(f"batch_size={batch_size} does not split over {self.size} processes: use a number of processes "
-                 f"that divides it, or another --batch_size", 2)
+            fail(f"batch_size={batch_size} does not split over {self.size} processes: start a number of processes "
+                 f"that divides {batch_size}", 2)
         if batch_size // self.size < 2:
             fail(f"batch_size={batch_size} over {self.size} processes leaves each one image a step, and BatchNorm "
                  f"needs 2 at least: pass --batch_size={2 * self.size} or more, or start fewer processes", 2)

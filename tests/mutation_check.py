@@ -145,6 +145,25 @@ MUTANTS = [
     Mutant('the CelebA cache trusted without its checksum', 'plumbing/celeba.py',
            "if file_crc32(data_path) == stored_index(data_path).get('crc32'):", 'if True:',
            ['tests/test_damage_and_limits.py', '-k', 'zeroed_stretch']),
+    # Issue 24's guards.
+    Mutant('under torchrun every process checks the CelebA cache for itself', 'plumbing/celeba.py',
+           "    decode = writes_files() and not cache_is_sound(index, data_path)\n"
+           "    if decode and os.path.exists(data_path + '.json'):\n"
+           "        os.remove(data_path + '.json')\n"
+           "    barrier()\n",
+           "    barrier()\n"
+           "    decode = writes_files() and not cache_is_sound(index, data_path)\n",
+           ['tests/test_new_guards.py', '-k', 'damaged_cache_is_decoded_again']),
+    Mutant('a fresh start removes another model\'s checkpoint', 'plumbing/results_folder.py',
+           'owner = None if resume else checkpoint_owner(self.checkpoint_path)', 'owner = None',
+           ['tests/test_new_guards.py', '-k', 'another_models_checkpoint']),
+    Mutant('animations written with durations in seconds, which GIF readers take as milliseconds', 'plumbing/images.py',
+           "duration=1000 * seconds_per_frame", "duration=seconds_per_frame",
+           ['tests/test_new_guards.py', '-k', 'half_a_second']),
+    Mutant('a resume leaves the files made from the checkpoint as a kill left them', 'plumbing/results_folder.py',
+           "            self._write_what_the_checkpoint_makes()\n            return first_epoch",
+           "            return first_epoch",
+           ['tests/test_new_guards.py', '-k', 'kill_after_any_write']),
     Mutant('resume forgets the optimizers\' state', 'plumbing/results_folder.py',
            "optimizer.load_state_dict(state['optimizers'][name])", 'pass',
            ['tests/test_celeba_training.py', '-k', 'resumed_run']),
