@@ -1,5 +1,5 @@
 """The files of one training run in its results folder: the checkpoint and resuming from it, the history,
-the best generator, the final outputs, and the one line an interruption ends with."""
+the best generator and the final outputs."""
 import math
 import os
 import re
@@ -12,7 +12,6 @@ from plumbing.console import fail
 from plumbing.distributed import barrier, from_rank0, gather, rank, world_size, writes_files
 from plumbing.folder_lock import lock_folder
 from plumbing.images import plot_curves, save_animation, save_grid
-from plumbing.interrupts import Stopped
 from plumbing.safe_files import (is_state_dict, load_torch, make_folder, output_failed, remove_dead_temporaries,
                                  save_json, save_torch)
 
@@ -281,25 +280,6 @@ class RunFolder:
         if best is not None:
             print(f"best generator: epoch {best['epoch']}, {self.best_by} {best[self.best_by]:.2f}, "
                   f"in {self.best_generator_path()}")
-
-    def interrupted(self, cause):
-        """Stop with one line on an interruption (see run.is_interruption): what stopped the run and what
-        checkpoint.pt really holds."""
-        again = ("Run the same command again to resume" if self.config.get('resume', True) else
-                 "Run the command again without --resume=false to resume (with it, the run starts afresh)")
-        if self.resuming:
-            saved = f"it was resuming, and {self.checkpoint_path} is as it was. {again}"
-        elif not self.saved_epoch:
-            saved = "no epoch was saved yet; run the same command again to start"
-        else:
-            saved = f"{self.checkpoint_path} holds epoch {self.saved_epoch}. {again}"
-        if isinstance(cause, KeyboardInterrupt):
-            fail("interrupted before the first epoch was saved; run the same command again to start"
-                 if not (self.saved_epoch or self.resuming) else f"interrupted; {saved}", 130)
-        if isinstance(cause, Stopped):
-            fail(f"stopped by SIGTERM; {saved}", 143, every_rank=True)
-        fail(f"stopped: {type(cause).__name__}: {str(cause).splitlines()[0]} (if another process of this run "
-             f"failed, its own output says why); {saved}", 1, every_rank=True)
 
 
 def checkpoint_owner(path):

@@ -52,6 +52,26 @@ def is_out_of_memory(error):
         sign in str(error) for sign in ("can't allocate memory", "could not create a primitive"))
 
 
+def stop_after_interruption(folder, cause):
+    """Stop with one line on an interruption (see is_interruption): what stopped the run and what
+    checkpoint.pt (of the RunFolder folder) really holds."""
+    again = ("Run the same command again to resume" if folder.config.get('resume', True) else
+             "Run the command again without --resume=false to resume (with it, the run starts afresh)")
+    if folder.resuming:
+        saved = f"it was resuming, and {folder.checkpoint_path} is as it was. {again}"
+    elif not folder.saved_epoch:
+        saved = "no epoch was saved yet; run the same command again to start"
+    else:
+        saved = f"{folder.checkpoint_path} holds epoch {folder.saved_epoch}. {again}"
+    if isinstance(cause, KeyboardInterrupt):
+        fail("interrupted before the first epoch was saved; run the same command again to start"
+             if not (folder.saved_epoch or folder.resuming) else f"interrupted; {saved}", 130)
+    if isinstance(cause, Stopped):
+        fail(f"stopped by SIGTERM; {saved}", 143, every_rank=True)
+    fail(f"stopped: {type(cause).__name__}: {str(cause).splitlines()[0]} (if another process of this run "
+         f"failed, its own output says why); {saved}", 1, every_rank=True)
+
+
 class Run:
     """One run of a training script, made by main() from its resolved configuration.
 
@@ -95,7 +115,7 @@ class Run:
         if is_out_of_memory(error):
             self._out_of_memory(error)
         if self.folder is not None and is_interruption(error):
-            self.folder.interrupted(error)
+            stop_after_interruption(self.folder, error)
 
     def _out_of_memory(self, error):
         config, saved = self.config, self.folder.saved_epoch if self.folder is not None else 0
