@@ -9,6 +9,9 @@ from PIL import Image
 
 from conftest import OFFLINE, REPO
 
+sys.path.insert(0, str(REPO / 'benchmarks'))
+import gpu_check  # noqa: E402  (benchmarks/ is put on the path first)
+
 SCRIPTS = ('mnist_gan.py', 'mnist_cgan.py', 'mnist_dcgan.py', 'mnist_cdcgan.py', 'celeba_dcgan.py', 'celeba_cdcgan.py')
 CHECKS = ['data', *(f'train {s}' for s in SCRIPTS), 'variant celeba_dcgan.py --precision=fp32',
           'variant celeba_dcgan.py --channels_last=False', 'variant celeba_dcgan.py --compile=True',
@@ -17,7 +20,7 @@ GTX_1080_TI = {'mnist_gan.py': None, 'mnist_cgan.py': 9.13, 'mnist_dcgan.py': 19
                'celeba_dcgan.py': 732.54, 'celeba_cdcgan.py': 826.69}
 
 
-def gpu_check(tmp_path, *args):
+def run_gpu_check(tmp_path, *args):
     """The command as a user runs it, on a machine that shows torch no GPU; its temporary files under tmp_path."""
     (tmp_path / 'tmp').mkdir()
     env = {**os.environ, **OFFLINE, 'CUDA_VISIBLE_DEVICES': '', 'TMPDIR': str(tmp_path / 'tmp')}
@@ -36,7 +39,7 @@ def outputs(out):
 @pytest.fixture(scope='module')
 def report(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp('gpu_check')
-    result = gpu_check(tmp_path, f'--out={tmp_path / "report"}')
+    result = run_gpu_check(tmp_path, f'--out={tmp_path / "report"}')
     return result, tmp_path / 'report'
 
 
@@ -83,7 +86,7 @@ def test_generate_writes_a_grid_of_both_genders(report):
 
 
 def test_a_failing_check_is_one_failed_row_and_the_others_still_run(tmp_path):
-    result = gpu_check(tmp_path, f'--out={tmp_path / "report"}', '--checks=variants',
+    result = run_gpu_check(tmp_path, f'--out={tmp_path / "report"}', '--checks=variants',
                        '--variants=--precision=fp33,--channels_last=False')
     assert result.returncode == 1
     checks, rows = outputs(tmp_path / 'report')
@@ -96,7 +99,7 @@ def test_a_failing_check_is_one_failed_row_and_the_others_still_run(tmp_path):
 
 
 def test_a_run_past_its_time_limit_is_stopped_and_failed(tmp_path):
-    result = gpu_check(tmp_path, f'--out={tmp_path / "report"}', '--checks=torchrun', '--run_s=1')
+    result = run_gpu_check(tmp_path, f'--out={tmp_path / "report"}', '--checks=torchrun', '--run_s=1')
     assert result.returncode == 1
     checks, _ = outputs(tmp_path / 'report')
     assert checks['torchrun mnist_cgan.py']['error'] == 'stopped at its time limit of 1 s'
@@ -114,7 +117,25 @@ def read_cmdline(pid):
 
 def test_an_output_folder_that_cannot_be_written_is_one_line(tmp_path):
     (tmp_path / 'a_file').write_text('')
-    result = gpu_check(tmp_path, f'--out={tmp_path / "a_file"}')
+    result = run_gpu_check(tmp_path, f'--out={tmp_path / "a_file"}')
     assert (result.returncode, result.stdout) == (2, '')
     assert result.stderr == (f'error: --out={tmp_path / "a_file"}: cannot write there (Not a directory); '
                              f'give a folder you can write\n')
+
+
+def test_on_a_gpu_the_runs_are_the_real_size_one_at_a_time_and_compiling_last(tmp_path):
+    # The GPU mode's own choices, which the CPU mode above does not take: its sizes and its order.
+    setting = gpu_check.Setting('cuda', **gpu_check.REAL, steps=40, mlp_steps=400, processes=1, work=str(tmp_path),
+                                out=str(tmp_path), deadline=0.0, env={})
+    assert gpu_check.training_args(setting, 'celeba_dcgan.py', 'R') == [
+        f'--data_dir={tmp_path}/celeba', '--results_dir=R', '--train_epoch=2', '--train_limit=5120',
+        '--batch_size=128', '--device=cuda', '--d=128']
+    assert gpu_check.training_args(setting, 'mnist_gan.py', 'R')[3:6] == [
+        '--train_limit=51200', '--batch_size=128', '--device=cuda']
+    started = []
+    names = ['train mnist_dcgan.py', 'variant celeba_dcgan.py --compile=True',
+             'variant celeba_dcgan.py --precision=fp32', 'resume mnist_dcgan.py']
+    jobs = [(name, lambda trained, name=name: started.append(name) or {'check': name, 'ok': True, 'seconds': 0.0})
+            for name in names]
+    assert [row['check'] for row in gpu_check.run_checks(setting, jobs)] == names
+    assert started == [names[0], names[2], names[3], names[1]]
