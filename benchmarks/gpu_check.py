@@ -93,21 +93,24 @@ CELEBA_ATTRIBUTES = (  # the 40 columns of CelebA's list_attr_celeba.txt
     'Wearing_Necklace Young').split()
 
 # Runs a script as `python script args` does, then writes its peak memory to a file: argv is the device type,
-# that file, the script and its arguments.
+# that file, the script and its arguments. (Guarded: a process that spawns children has them import it.)
 PEAK_MEMORY_WRAPPER = '''
 import atexit, os, resource, runpy, sys
-kind, record, script = sys.argv[1:4]
 
-def save_peak():
+
+def save_peak(kind, record):
     import torch  # the script loaded it
     peak = (torch.cuda.max_memory_allocated() if kind == 'cuda' else
             resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # Linux counts it in KiB
     with open(record, 'w') as f:
         f.write(str(peak))
 
-atexit.register(save_peak)
-sys.argv, sys.path[0] = sys.argv[3:], os.path.dirname(script)
-runpy.run_path(script, run_name='__main__')
+
+if __name__ == '__main__':
+    kind, record, script = sys.argv[1:4]
+    atexit.register(save_peak, kind, record)
+    sys.argv, sys.path[0] = sys.argv[3:], os.path.dirname(script)
+    runpy.run_path(script, run_name='__main__')
 '''
 
 # Under torchrun: start the process group on the backend named in argv and sum one 1 from each process.
