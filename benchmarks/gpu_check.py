@@ -53,10 +53,12 @@ from PIL import Image
 
 from speed import IMAGES_PER_EPOCH, flops_per_image, measure_peaks, write_mnist  # also puts the repository on sys.path
 
+from plumbing import config, console  # noqa: E402  (the repository is on the path from here)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------- what runs
-out = ''                              # non-empty: the folder for the table, the JSON, the grid and logs/
+out = ''                              # the folder for the table, the JSON, the grid and logs/ (required)
 device = 'auto'                       # {auto, cuda, cpu}: auto = cuda (real size) if torch sees a GPU, else cpu (tiny)
 checks = ''                           # comma-separated: train, variants, torchrun, backend, resume, generate; '' = all
 variant_script = 'celeba_dcgan.py'    # the conv model run again with each of the variants
@@ -134,58 +136,12 @@ dist.destroy_process_group()
 
 # ---------------------------------------------------------------- the constants, checked before any work
 
-def stop(message):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
-def constant_lines():
-    """{name: (default as written, comment)} of the constants, read from their block in this file (above SCRIPTS)."""
-    with open(__file__) as f:
-        block = f.read().split('\nSCRIPTS = ')[0]
-    return {m[1]: (m[2], m[3]) for m in re.finditer(r'^([a-z_]+) += (.+?) +# (.+)$', block, re.M)}
-
-
-def configure(argv):
-    """Apply --name=value overrides to the constants above, each read as its default's type; check the
-    ranges ([low, high] or {choices}) their comments open with."""
-    lines = constant_lines()
-    if '--help' in argv or '-h' in argv:
-        print(__doc__.strip() + '\n\nConstants (override any as --name=value):')
-        for name, (value, comment) in lines.items():
-            print(f"  --{name:<16} = {value:<24} {comment}")
-        raise SystemExit(0)
-    for arg in argv:
-        name, equals, text = arg.removeprefix('--').partition('=')
-        if not arg.startswith('--') or not equals:
-            stop(f"cannot read argument {arg!r}: write --name=value (see --help)")
-        if name not in lines:
-            stop(f"unknown constant {name!r}; valid: {', '.join(lines)}")
-        globals()[name] = typed(name, text, globals()[name])
-    for name, (_, comment) in lines.items():
-        value = globals()[name]
-        if m := re.match(r'\[(\d+), (\d+)\]:', comment):
-            if not int(m[1]) <= value <= int(m[2]):
-                stop(f"--{name}={value}: choose a value in [{m[1]}, {m[2]}]")
-        if m := re.match(r'\{(.+)\}:', comment):
-            if value not in m[1].split(', '):
-                stop(f"--{name}={value}: choose one of {m[1]}")
-
-
-def typed(name, text, default):
-    if isinstance(default, str):
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        stop(f"--{name}={text}: expected a whole number (default {default})")
-
-
 def chosen_checks():
     names = [c.strip() for c in checks.split(',') if c.strip()]
     unknown = [c for c in names if c not in CHECKS]
     if unknown:
-        stop(f"--checks={checks}: {unknown[0]!r} is not a check; choose among {', '.join(CHECKS)}, comma-separated")
+        console.fail(f"--checks={checks}: {unknown[0]!r} is not a check; choose among {', '.join(CHECKS)}, "
+                     f"comma-separated", 2)
     return names or list(CHECKS)
 
 
@@ -195,7 +151,7 @@ def chosen_variants():
     for item in (v.strip() for v in variants.split(',') if v.strip()):
         overrides = item.split()
         if not all(re.fullmatch(r'--\w+=\S*', o) for o in overrides):
-            stop(f"--variants={variants}: {item!r} is not a list of --name=value overrides")
+            console.fail(f"--variants={variants}: {item!r} is not a list of --name=value overrides", 2)
         chosen.append(overrides)
     return chosen
 
@@ -203,22 +159,23 @@ def chosen_variants():
 def check_script_choices():
     for name in ('variant_script', 'torchrun_script', 'resume_script', 'generate_script'):
         if globals()[name] not in SCRIPTS:
-            stop(f"--{name}={globals()[name]}: choose one of {', '.join(SCRIPTS)}")
+            console.fail(f"--{name}={globals()[name]}: choose one of {', '.join(SCRIPTS)}", 2)
     if not SCRIPTS[variant_script][1]:
-        stop(f"--variant_script={variant_script}: choose a conv model (the variants change its convolutions)")
+        console.fail(f"--variant_script={variant_script}: choose a conv model (the variants change its "
+                     f"convolutions)", 2)
 
 
 def output_folder():
     """The absolute --out with its logs/ made, or stop with one line where it cannot be written."""
     if not out:
-        stop("name the folder for the table, the JSON and the logs: --out=FOLDER")
+        console.fail("name the folder for the table, the JSON and the logs: --out=FOLDER", 2)
     folder = os.path.abspath(out)
     try:
         os.makedirs(os.path.join(folder, 'logs'), exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as e:
-        stop(f"--out={out}: cannot write there ({e.strerror or e}); give a folder you can write")
+        console.fail(f"--out={out}: cannot write there ({e.strerror or e}); give a folder you can write", 2)
     return folder
 
 
@@ -639,11 +596,11 @@ def heading(setting, facts):
 
 
 def main():
-    configure(sys.argv[1:])
+    config.configure(globals())
     names, variant_overrides = chosen_checks(), chosen_variants()
     check_script_choices()
     if device == 'cuda' and not torch.cuda.is_available():
-        stop("--device=cuda: torch sees no CUDA GPU here; use --device=auto or cpu")
+        console.fail("--device=cuda: torch sees no CUDA GPU here; use --device=auto or cpu", 2)
     folder = output_folder()
     started = time.monotonic()
     cuda = device == 'cuda' or device == 'auto' and torch.cuda.is_available()

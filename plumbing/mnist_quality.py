@@ -68,7 +68,8 @@ def how_to_restore(path):
     """What makes a classifier at path again: the shipped file from git, or a training run written there."""
     train = shlex.join(['python', 'mnist_classifier.py', f'--weights={path}', '--overwrite=True'])
     if os.path.abspath(path) == DEFAULT_WEIGHTS:
-        return f"restore the shipped file (in a clone: git checkout -- mnist_classifier.pt), or train one there: {train}"
+        return (f"restore the shipped file (in a clone: git checkout -- mnist_classifier.pt), or train one there: "
+                f"{train}")
     return f"train one there: {train}"
 
 

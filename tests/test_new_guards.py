@@ -289,8 +289,9 @@ def test_the_shipped_classifiers_advice_restores_it(monkeypatch, tmp_path, capsy
     monkeypatch.setattr(mnist_quality, 'DEFAULT_WEIGHTS', str(tmp_path / 'mnist_classifier.pt'))
     with pytest.raises(SystemExit):
         mnist_quality.load_classifier(mnist_quality.DEFAULT_WEIGHTS, 'cpu')
+    advice = capsys.readouterr().err
     assert 'restore the shipped file (in a clone: git checkout -- mnist_classifier.pt), or train one there: ' \
-           f'python mnist_classifier.py --weights={tmp_path}/mnist_classifier.pt --overwrite=True' in capsys.readouterr().err
+           f'python mnist_classifier.py --weights={tmp_path}/mnist_classifier.pt --overwrite=True' in advice
 
 
 def test_a_batch_larger_than_the_data_says_how_many_images_there_are(script_server, mnist_dir, tmp_path):
@@ -360,8 +361,9 @@ def test_ctrl_c_while_generating_says_so(mnist_dir, tmp_path):
             'mnist_gan.common.main(vars(mnist_gan), mnist_gan.train, interrupted)\n').format(repo=str(REPO))
     result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                             timeout=120)
-    assert (result.returncode, result.stderr) == (130, 'error: interrupted while writing samples, before any was '
-                                                       'saved; no trained file was changed; run the same command again\n')
+    assert (result.returncode, result.stderr) == (
+        130, 'error: interrupted while writing samples, before any was saved; no trained file was changed; '
+             'run the same command again\n')
 
 
 def test_a_damaged_face_advises_the_celeba_dir_its_rerun_needs(script_server, tmp_path):
