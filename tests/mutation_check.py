@@ -145,6 +145,10 @@ MUTANTS = [
     Mutant('the CelebA cache trusted without its checksum', 'plumbing/celeba.py',
            "if file_crc32(data_path) == stored_index(data_path).get('crc32'):", 'if True:',
            ['tests/test_damage_and_limits.py', '-k', 'zeroed_stretch']),
+    Mutant('cGAN: the original\'s lr drops whatever constant_lr says', 'mnist_cgan.py',
+           'return lr if constant_lr else lr / 10 ** sum(epoch >= drop for drop in (30, 40))',
+           'return lr / 10 ** sum(epoch >= drop for drop in (30, 40))',
+           ['tests/test_training_loop.py', '-k', 'keeps_its_learning_rate']),
     # Issue 24's guards.
     Mutant('under torchrun every process checks the CelebA cache for itself', 'plumbing/celeba.py',
            "    decode = writes_files() and not cache_is_sound(index, data_path)\n"

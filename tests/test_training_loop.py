@@ -198,13 +198,27 @@ def test_the_saved_generator_is_the_moving_average_of_g_s_weights(watched):
 
 # ---------------------------------------------------------------- learning-rate schedules
 
+def original_schedule(script):
+    """The overrides that give a script its original's schedule: the cGAN keeps its lr unless told otherwise."""
+    return ['--constant_lr=False'] if script == 'mnist_cgan.py' else []
+
+
 @pytest.mark.parametrize('script', [script for script, (_, drops) in SCHEDULES.items() if drops])
-def test_learning_rate_follows_the_documented_schedule(script):
+def test_learning_rate_follows_the_documented_schedule(script, monkeypatch):
     module = importlib.import_module(script[:-3])
+    if original_schedule(script):
+        monkeypatch.setattr(module, 'constant_lr', False)
     epochs, _ = SCHEDULES[script]
     assert module.train_epoch == epochs and module.lr == DOCUMENTED_LR
     assert [module.learning_rate(e) for e in range(1, epochs + 1)] == \
            pytest.approx([documented_lr(script, e) for e in range(1, epochs + 1)], rel=1e-12)
+
+
+def test_the_cgan_keeps_its_learning_rate_unless_told_to_drop_it_as_the_original():
+    """constant_lr (docs/results.md: the drops undo G's moving average): 0.0002 for all 50 epochs by default."""
+    module = importlib.import_module('mnist_cgan')
+    assert module.constant_lr is True
+    assert [module.learning_rate(e) for e in range(1, 51)] == [DOCUMENTED_LR] * 50
 
 
 class OptimizerSteps:
@@ -231,7 +245,8 @@ def test_both_optimizers_use_the_scheduled_rate_every_epoch(script, mnist_dir, f
     size = ['--img_size=8'] if script in ('mnist_gan.py', 'mnist_cgan.py') else []  # small weights to checkpoint
     with OptimizerSteps() as steps:
         run_in_process(script, *data_args(script, mnist_dir, faces_dir), f'--results_dir={tmp_path / "out"}',
-                       f'--train_epoch={epochs}', '--batch_size=2', '--train_limit=2', '--device=cpu', *size)
+                       f'--train_epoch={epochs}', '--batch_size=2', '--train_limit=2', '--device=cpu', *size,
+                       *original_schedule(script))
     assert len(steps.lrs) == 2, 'one optimizer for G, one for D'
     expected = [documented_lr(script, epoch) for epoch in range(1, epochs + 1)]
     for lrs in steps.lrs.values():
