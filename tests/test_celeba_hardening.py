@@ -13,10 +13,9 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
-from conftest import REPO, folder_state, run_script, write_faces
+from conftest import REPO, dead_pid, fake_face, folder_state, name_of, run_script, write_csv, write_faces, write_txt
 from plumbing import celeba
 from plumbing.interrupts import Stopped, raise_stopped
-from test_celeba_preprocess import fake_face, name_of, write_csv, write_txt
 
 SCRIPT = 'celeba_preprocess.py'
 FEW = 8  # faces of the small fake CelebA
@@ -209,12 +208,6 @@ def test_training_on_faces_made_with_another_crop_is_refused(tmp_path, capsys, m
 
 
 # ---------------------------------------------------------------- 10: killed and full-disk cache builds
-
-def dead_pid():
-    child = subprocess.Popen([sys.executable, '-c', ''])
-    child.wait()
-    return child.pid
-
 
 def test_a_build_removes_the_temporaries_of_dead_builds_only(tmp_path, capsys):
     write_faces(tmp_path / 'faces', {'female': 2, 'male': 2})

@@ -1,76 +1,23 @@
 """celeba_preprocess.py on a small fake CelebA in the real file formats (CelebA itself is not needed)."""
 import os
-import random
 import shutil
 import signal
 import subprocess
 import sys
 import time
 import zipfile
-from io import BytesIO
 
 import pytest
-from PIL import Image, ImageChops, ImageDraw, ImageStat
+from PIL import Image, ImageChops, ImageStat
 
-from conftest import REPO, folder_state, run_script
+from conftest import HEADER, REPO, fake_face, folder_state, is_male, name_of, run_script, write_csv, write_txt
 
 SCRIPT = 'celeba_preprocess.py'
 
-HEADER = ('5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair '
-          'Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair '
-          'Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face '
-          'Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair '
-          'Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Young').split()
 GOOD = 30  # 000001.jpg ... 000030.jpg are fine
 TRUNCATED, NOT_JPEG, MISSING = '000031.jpg', '000032.jpg', '000033.jpg'  # listed, but bad
 UNLISTED = '000034.jpg'  # present, not in the attribute file
 LISTED = 33
-
-
-def name_of(i):
-    return f'{i:06d}.jpg'
-
-
-def is_male(i):
-    return i % 3 == 0
-
-
-def fake_face(i):
-    """A 178x218 JPEG unlike the others: gradients, a 'face' near the centre and a block near an edge."""
-    rng = random.Random(i)
-    ramp = Image.linear_gradient('L').resize((178, 218))
-    im = Image.merge('RGB', (ramp, ramp.transpose(Image.Transpose.ROTATE_180), Image.new('L', (178, 218), i * 7)))
-    draw = ImageDraw.Draw(im)
-    x, y = rng.randrange(40, 80), rng.randrange(50, 100)
-    draw.ellipse((x, y, x + 60, y + 80), fill=tuple(rng.randrange(256) for _ in range(3)))
-    draw.rectangle((rng.randrange(0, 20), rng.randrange(0, 30), rng.randrange(30, 60), rng.randrange(40, 70)),
-                   fill=tuple(rng.randrange(256) for _ in range(3)))
-    data = BytesIO()
-    im.save(data, 'JPEG', quality=90)
-    return data.getvalue()
-
-
-def attribute_rows(count, male=is_male):
-    """CelebA's rows: the name, then each value right-aligned in 3 columns ('  1' or ' -1'), some trailing spaces."""
-    rng = random.Random(count)
-    for i in range(1, count + 1):
-        values = [rng.choice((-1, 1)) for _ in HEADER]
-        values[HEADER.index('Male')] = 1 if male(i) else -1
-        yield name_of(i), values, ''.join(f'{v:3d}' for v in values) + ' ' * (i % 3)
-
-
-def write_txt(path, count, header=HEADER, with_count=True, newline='\n'):
-    lines = ([str(count)] if with_count else []) + [' '.join(header) + ' ']
-    lines += [name + text for name, _, text in attribute_rows(count)]
-    with open(path, 'w', newline='') as f:
-        f.write(newline.join(lines) + newline)
-
-
-def write_csv(path, count):
-    lines = [','.join(['image_id'] + HEADER)] + [','.join([name] + [str(v) for v in values])
-                                                 for name, values, _ in attribute_rows(count)]
-    with open(path, 'w') as f:
-        f.write('\n'.join(lines) + '\n')
 
 
 def write_images(folder):

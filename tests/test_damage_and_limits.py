@@ -10,13 +10,11 @@ import sys
 import pytest
 import torch
 
-from conftest import OFFLINE, REPO, folder_state, write_idx
+from conftest import OFFLINE, REPO, assert_refused, dead_pid, folder_state, tiny, write_faces, write_idx
 from plumbing import safe_files
 from plumbing.results_folder import RunFolder
 from plumbing.interrupts import Stopped
 from plumbing.run import Run
-from test_hardening import trained, work  # noqa: F401  (fixtures: out/ trained one tiny epoch, a copy)
-from test_hardening import assert_refused, tiny
 
 ENV = {**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
 
@@ -149,7 +147,6 @@ def test_torchrun_s_variables_left_set_without_torchrun_are_one_line(mnist_dir, 
 
 def test_a_zeroed_stretch_of_the_celeba_cache_is_decoded_again(tmp_path, capsys):
     from plumbing import celeba
-    from test_celeba_training import write_faces
     write_faces(tmp_path / 'faces', {'female': 3, 'male': 2})
     images, _, _ = celeba.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
     original = images.clone()
@@ -185,7 +182,6 @@ def test_a_run_is_pinned_to_the_classifier_that_scores_it(work, script_server, m
 
 
 def test_a_run_removes_what_a_killed_run_s_saves_left_behind(work, script_server, mnist_dir):
-    from test_celeba_hardening import dead_pid
     dead, alive = dead_pid(), os.getpid()
     out = work / 'out'
     left = [out / f'checkpoint.tmp{dead}.pt', out / 'Fixed_results' / f'MNIST_GAN_2.tmp{dead}.png']

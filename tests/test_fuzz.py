@@ -15,8 +15,7 @@ import pytest
 
 from plumbing import config
 from plumbing.results_folder import RunFolder
-from conftest import copy_results, folder_state
-from test_celeba_training import write_faces
+from conftest import copy_results, folder_state, write_faces
 
 DRAWS = 20  # per script: with a fixed seed, the same draws every time
 

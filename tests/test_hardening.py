@@ -23,35 +23,7 @@ import torch
 from PIL import Image
 
 from plumbing import celeba, config, data, folder_lock, results_folder, safe_files
-from conftest import OFFLINE, REPO, copy_results, folder_state, run_script
-from test_celeba_training import write_faces
-
-TINY = ['--train_limit=64', '--batch_size=32', '--device=cpu', '--quality_samples=50']
-
-
-def tiny(mnist_dir, results_dir, epochs, *extra):
-    return [f'--data_dir={mnist_dir}', f'--results_dir={results_dir}', f'--train_epoch={epochs}', *TINY, *extra]
-
-
-def assert_refused(result, status, line):
-    """The run stopped with this status and exactly this one line on stderr."""
-    assert (result['status'], result['stderr']) == (status, f'error: {line}\n')
-
-
-@pytest.fixture(scope='module')
-def trained(script_server, mnist_dir, tmp_path_factory):
-    """A working folder whose out/ holds mnist_gan.py trained one tiny epoch."""
-    work = tmp_path_factory.mktemp('trained')
-    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 1), work)
-    assert result['status'] == 0, result['stderr']
-    return work
-
-
-@pytest.fixture
-def work(trained, tmp_path):
-    """A copy of the trained working folder for one test; damage a file in it only by replacing it."""
-    copy_results(trained, tmp_path / 'work')
-    return tmp_path / 'work'
+from conftest import REPO, assert_refused, folder_state, run_script, start, tiny, write_faces
 
 
 def replace_file(path, data):
@@ -169,12 +141,6 @@ def test_a_value_edited_in_the_script_is_checked_too(capsys):
 
 
 # ---------------------------------------------------------------- 2. one run per results folder
-
-def start(script, args, cwd):
-    return subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''})
-
 
 def wait_for_line(process, prefix, timeout=180):
     """The first line of process's stdout that starts with prefix, read as soon as it is printed."""

@@ -2,7 +2,6 @@
 import contextlib
 import importlib
 import io
-import json
 import math
 import os
 import signal
@@ -17,8 +16,8 @@ from PIL import Image
 from plumbing.config import configure
 from plumbing.collapse import CollapseCheck
 from plumbing.results_folder import RunFolder
-from conftest import OFFLINE, REPO, ModelWatch, assert_same_picture, assert_same_run, png_pixels, render, \
-    run_in_process, run_script
+from conftest import OFFLINE, REPO, ModelWatch, as_if_made_with, assert_same_picture, assert_same_run, history, \
+    png_pixels, render, run_in_process, run_script, tiny_args
 
 # script, model name, image side, grid columns, conditional, has a Random_results grid
 SCRIPTS = [
@@ -27,20 +26,10 @@ SCRIPTS = [
     ('mnist_dcgan.py', 'MNIST_DCGAN', 64, 5, False, True),
     ('mnist_cdcgan.py', 'MNIST_cDCGAN', 32, 10, True, False),
 ]
-TINY = ['--train_limit=256', '--batch_size=32', '--device=cpu', '--quality_samples=200']
-
-
-def tiny_args(script, mnist_dir, results_dir, epochs=2):
-    width = ['--d=8'] if 'dcgan' in script else []
-    return [f'--data_dir={mnist_dir}', f'--results_dir={results_dir}', f'--train_epoch={epochs}', *TINY, *width]
 
 
 def grid_side(columns, side):
     return columns * (side + 2) + 2  # make_grid's 2-pixel padding around every image
-
-
-def history(results_dir, model):
-    return json.loads((results_dir / f'{model}_train_hist.json').read_text())
 
 
 @pytest.fixture(scope='module', params=SCRIPTS, ids=[s[0] for s in SCRIPTS])
@@ -271,15 +260,6 @@ def test_a_resumed_run_equals_an_uninterrupted_one(trained, mnist_dir, tmp_path,
         assert gif.n_frames == 2
     run_in_process(script, *tiny_args(script, mnist_dir, out, 2))
     assert 'already trained 2 epochs' in capsys.readouterr().out
-
-
-def as_if_made_with(checkpoint, **constants):
-    """Rewrite a checkpoint as if its run had been started with these constants: a resume refuses to change
-    the experiment's, so a test that wrecks a run midway (an absurd lr) makes the run's own say so."""
-    state = torch.load(checkpoint, weights_only=True)
-    state['config'].update(constants)
-    checkpoint.unlink()
-    torch.save(state, checkpoint)
 
 
 def test_a_forced_collapse_is_reported_and_the_best_generator_kept(mnist_dir, tmp_path):

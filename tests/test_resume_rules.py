@@ -1,7 +1,6 @@
 """Honest resume and true advice (issue #19): which constants a resume may change and the record of each
 change, starting afresh, a stop on collapse that stays stopped, lost stdout, paths, and the messages of
 a finished or interrupted run."""
-import json
 import os
 import shutil
 import signal
@@ -11,14 +10,9 @@ import sys
 import pytest
 import torch
 
-from conftest import OFFLINE, REPO, folder_state
+from conftest import OFFLINE, REPO, assert_refused, folder_state, history, start, tiny
 from plumbing.results_folder import RunFolder
-from test_hardening import trained, work  # noqa: F401  (fixtures: out/ trained one tiny epoch, a copy)
-from test_hardening import assert_refused, start, tiny, wait_for_line
-
-
-def history(folder, model='MNIST_GAN'):
-    return json.loads((folder / f'{model}_train_hist.json').read_text())
+from test_hardening import wait_for_line
 
 
 @pytest.mark.parametrize('override, before', [('--lr=0.01', 'lr=0.0002 (now 0.01)'),
