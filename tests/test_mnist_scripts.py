@@ -3,11 +3,8 @@ import contextlib
 import importlib
 import io
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +12,7 @@ from PIL import Image
 
 from plumbing.collapse import CollapseCheck
 from plumbing.results_folder import RunFolder
-from conftest import OFFLINE, REPO, ModelWatch, as_if_made_with, assert_same_picture, assert_same_run, history, \
+from conftest import REPO, ModelWatch, as_if_made_with, assert_same_picture, assert_same_run, history, \
     png_pixels, render, run_in_process, run_script, tiny_args
 
 # script, model name, image side, grid columns, conditional, has a Random_results grid
@@ -254,78 +251,6 @@ def test_the_ema_changes_what_is_sampled_and_not_the_training(mnist_dir, tmp_pat
     training = ('loss_d', 'loss_g', 'd_real', 'd_fake')
     assert [[e[k] for k in training] for e in ema] == [[e[k] for k in training] for e in original]
     assert [e['fid'] for e in ema] != [e['fid'] for e in original]
-
-
-def start_script(script, args, cwd):
-    """Start a script as a user's shell would: with SIGINT at its default even if this runner ignores it (as
-    some launchers start it), since a Python started with SIGINT ignored never raises KeyboardInterrupt."""
-    return subprocess.Popen([sys.executable, str(REPO / script), *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1'},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-
-
-def wait_for_checkpoint(process, checkpoint, timeout=120):
-    deadline = time.time() + timeout
-    while not checkpoint.exists():
-        assert process.poll() is None and time.time() < deadline, 'no checkpoint was written'
-        time.sleep(0.02)
-
-
-@pytest.mark.parametrize('delay', [0.0, 0.3, 0.7])
-def test_a_killed_run_resumes_from_its_last_complete_epoch(mnist_dir, tmp_path, delay):
-    out = tmp_path / 'killed'
-    process = start_script('mnist_gan.py', tiny_args('mnist_gan.py', mnist_dir, out, 100), tmp_path)
-    wait_for_checkpoint(process, out / 'checkpoint.pt')
-    time.sleep(delay)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    saved = torch.load(out / 'checkpoint.pt', weights_only=True)  # never half written
-    done = saved['epoch']
-    assert len(saved['history']) == done >= 1
-    result = run_script('mnist_gan.py', *tiny_args('mnist_gan.py', mnist_dir, out, done + 1), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
-    assert f'resuming after epoch {done}' in result.stdout
-    assert [e['epoch'] for e in history(out, 'MNIST_GAN')['epochs']] == list(range(1, done + 2))
-
-
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(mnist_dir, tmp_path):
-    out = tmp_path / 'interrupted'
-    # Started from a runner that ignores SIGINT, as some launchers do: the script must still get Ctrl-C.
-    runner_handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        process = start_script('mnist_gan.py', tiny_args('mnist_gan.py', mnist_dir, out, 100), tmp_path)
-    finally:
-        signal.signal(signal.SIGINT, runner_handler)
-    wait_for_checkpoint(process, out / 'checkpoint.pt')
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
-    assert 'Traceback' not in stderr and 'Run the same command again to resume' in stderr
-    assert torch.load(out / 'checkpoint.pt', weights_only=True)['epoch'] >= 1
-
-
-def test_a_checkpoint_of_other_constants_gets_one_line(mnist_dir, tmp_path):
-    out = tmp_path / 'run'
-    assert run_script('mnist_dcgan.py', *tiny_args('mnist_dcgan.py', mnist_dir, out, 1), cwd=tmp_path).returncode == 0
-    result = run_script('mnist_dcgan.py', *tiny_args('mnist_dcgan.py', mnist_dir, out, 2), '--d=16', cwd=tmp_path)
-    assert result.returncode == 1
-    assert result.stderr.count('\n') == 1 and 'd=8 (now 16)' in result.stderr
-
-
-def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(mnist_dir, tmp_path):
-    out = tmp_path / 'diverged'
-    assert run_script('mnist_gan.py', *tiny_args('mnist_gan.py', mnist_dir, out, 1), cwd=tmp_path).returncode == 0
-    as_if_made_with(out / 'checkpoint.pt', lr=1e30)
-    result = run_script('mnist_gan.py', *tiny_args('mnist_gan.py', mnist_dir, out, 3), '--lr=1e30', cwd=tmp_path)
-    assert result.returncode == 1 and 'Traceback' not in result.stderr
-    assert 'training diverged' in result.stderr and 'epoch 1 is kept' in result.stderr
-    assert torch.load(out / 'checkpoint.pt', weights_only=True)['epoch'] == 1
-
-
-def test_generate_without_a_trained_generator_gets_one_line(tmp_path):
-    result = run_script('mnist_cdcgan.py', '--generate=4', cwd=tmp_path)
-    assert result.returncode == 1 and result.stderr.count('\n') == 1
-    assert 'no trained generator at MNIST_cDCGAN_results/MNIST_cDCGAN_generator.pt' in result.stderr
 
 
 def test_missing_mnist_without_network_names_the_folder_and_files(tmp_path):
