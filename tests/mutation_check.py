@@ -60,7 +60,8 @@ MUTANTS = [
     Mutant('no shuffling: batches in file order every epoch', 'plumbing/data.py',
            'order = torch.randperm(n, generator=torch.Generator().manual_seed(hash((seed, epoch)))).to(device)',
            'order = torch.arange(n, device=device)',
-           ['tests/test_training_loop.py', '-k', 'shuffled_batches or (mnist_gan and fresh_permutation)']),
+           ['tests/test_data.py', 'tests/test_training_loop.py', '-k',
+            'shuffled_batches or (mnist_gan and fresh_permutation)']),
     Mutant('generator loader: torch.load(..., weights_only=False)', 'plumbing/safe_files.py',
            "return torch.load(f, map_location='cpu', weights_only=True)",
            "return torch.load(f, map_location='cpu', weights_only=False)",
@@ -120,7 +121,7 @@ MUTANTS = [
     Mutant('shuffled_batches keeps a partial batch', 'plumbing/data.py',
            'batches = order[:n // batch_size * batch_size].view(-1, batch_size)',
            'batches = torch.cat([order, order[:-n % batch_size]]).view(-1, batch_size)',
-           ['tests/test_training_loop.py', '-k', 'shuffled_batches']),
+           ['tests/test_data.py', '-k', 'shuffled_batches']),
     Mutant('batches drawn once, the same order every epoch', 'plumbing/run.py',
            "batches = shuffled_batches(len(images), config['batch_size'], images.device, config['seed'], self.epoch)",
            "batches = shuffled_batches(len(images), config['batch_size'], images.device, config['seed'], "
@@ -144,7 +145,7 @@ MUTANTS = [
            ['tests/test_checkpoint_and_resume.py', '-k', 'flipped_bytes']),
     Mutant('the CelebA cache trusted without its checksum', 'plumbing/celeba.py',
            "if file_crc32(data_path) == stored_index(data_path).get('crc32'):", 'if True:',
-           ['tests/test_damage_and_limits.py', '-k', 'zeroed_stretch']),
+           ['tests/test_data.py', '-k', 'zeroed_stretch']),
     # Issue 24's guards.
     Mutant('under torchrun every process checks the CelebA cache for itself', 'plumbing/celeba.py',
            "    decode = writes_files() and not cache_is_sound(index, data_path)\n"

@@ -13,7 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from plumbing import celeba
 from conftest import REPO, ModelWatch, assert_same_picture, assert_same_run, png_pixels, render, \
     run_in_process, run_script, write_faces
 
@@ -218,64 +217,6 @@ def test_a_resumed_run_equals_an_uninterrupted_one(trained, tmp_path, capsys):
     run_in_process(script, *args, '--train_epoch=2')
     assert 'already trained 2 epochs' in capsys.readouterr().out
     assert [path.read_bytes() for path in finals] == before
-
-
-@pytest.mark.parametrize('script, args, command', [
-    ('celeba_dcgan.py', [], 'python celeba_preprocess.py'),
-    ('celeba_cdcgan.py', ['--isCrop=True', '--data_dir=my faces'],
-     "python celeba_preprocess.py --isCrop=True '--output_dir=my faces'"),
-])
-def test_missing_faces_get_one_line_with_the_preprocess_command(tmp_path, script, args, command):
-    result = run_script(script, *args, cwd=tmp_path)
-    assert result.returncode == 1 and 'Traceback' not in result.stderr
-    assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1
-    assert result.stderr.rstrip().endswith(f'make it with: {command}')
-
-
-def test_faces_of_another_size_get_one_line(tmp_path):
-    write_faces(tmp_path / 'data' / 'resized_celebA', {'female': 2, 'male': 2}, size=32)
-    result = run_script('celeba_dcgan.py', cwd=tmp_path)
-    assert result.returncode == 1 and 'Traceback' not in result.stderr and result.stderr.count('\n') == 1
-    assert ('is 32x32, not 64x64: data/resized_celebA/ holds images of another size, not faces '
-            'celeba_preprocess.py made at img_size 64; make them in another folder with: python celeba_preprocess.py '
-            '--output_dir=data/resized_celebA_64 and pass --data_dir=data/resized_celebA_64') in result.stderr
-    assert 'delete' not in result.stderr  # the folder is not one the scripts are known to have made
-    assert not (tmp_path / 'data' / 'resized_celebA.u8').exists()
-
-
-def test_the_cache_holds_imagefolder_order_and_pixels(tmp_path):
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import pil_to_tensor
-    write_faces(tmp_path / 'faces', {'female': 5, 'male': 3})
-    images, labels, classes = celeba.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
-    reference = ImageFolder(str(tmp_path / 'faces'))
-    assert classes == reference.classes == ['female', 'male'] and images.shape == (8, 3, 64, 64)
-    assert labels.tolist() == reference.targets == [0] * 5 + [1] * 3
-    for i, (picture, _) in enumerate(reference):
-        assert torch.equal(images[i], pil_to_tensor(picture))
-
-
-def test_the_cache_is_built_once_and_rebuilt_when_the_folder_changes(tmp_path, capsys):
-    folder = str(tmp_path / 'faces')
-    write_faces(folder, {'female': 4, 'male': 4})
-    cache = tmp_path / 'faces.u8'
-    celeba.image_folder_tensor(folder, 64, 'cmd')
-    assert 'decoding the 8 images' in capsys.readouterr().out
-    built = cache.stat().st_mtime_ns
-
-    images, _, _ = celeba.image_folder_tensor(folder, 64, 'cmd')
-    assert capsys.readouterr().out == '' and cache.stat().st_mtime_ns == built and len(images) == 8
-
-    write_faces(folder, {'male': 1}, seed=7)  # one more face
-    images, labels, _ = celeba.image_folder_tensor(folder, 64, 'cmd')
-    assert 'decoding the 9 images' in capsys.readouterr().out
-    assert len(images) == 9 and labels.tolist() == [0] * 4 + [1] * 5
-
-
-def test_train_limit_keeps_both_genders(tmp_path):
-    write_faces(tmp_path / 'faces', {'female': 30, 'male': 10})
-    images, labels = celeba.load_celeba(str(tmp_path / 'faces'), False, 64, 8, 4, torch.device('cpu'))
-    assert images.shape == (8, 3, 64, 64) and 0 < labels.sum() < 8
 
 
 def test_cdcgan_fixed_inputs_follow_the_gender_layouts():

@@ -253,14 +253,6 @@ def test_the_ema_changes_what_is_sampled_and_not_the_training(mnist_dir, tmp_pat
     assert [e['fid'] for e in ema] != [e['fid'] for e in original]
 
 
-def test_missing_mnist_without_network_names_the_folder_and_files(tmp_path):
-    result = run_script('mnist_cgan.py', '--data_dir=nowhere', cwd=tmp_path, timeout=120)
-    assert result.returncode == 1 and 'Traceback' not in result.stderr
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith('error: MNIST is missing from nowhere/MNIST/raw/')
-    assert 'train-images-idx3-ubyte' in last and 't10k-labels-idx1-ubyte' in last
-
-
 def run_with_losses(tmp_path, losses_d):
     """A Run whose history holds epochs with these mean D losses, the last one just finished."""
     run = RunFolder('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from plumbing import data
 from conftest import ModelWatch, fake_digits, run_in_process, write_faces
 
 MNIST_LIMIT, MNIST_BATCH = 128, 32
@@ -237,33 +236,3 @@ def test_both_optimizers_use_the_scheduled_rate_every_epoch(script, mnist_dir, f
     for lrs in steps.lrs.values():
         assert all(len(groups) == 1 for groups in lrs)
         assert [groups[0] for groups in lrs] == pytest.approx(expected, rel=1e-12)
-
-
-# ---------------------------------------------------------------- data.shuffled_batches
-
-def test_shuffled_batches_are_full_and_hold_each_index_at_most_once():
-    batches = data.shuffled_batches(10, 3, torch.device('cpu'), seed=0, epoch=1)
-    assert batches.shape == (3, 3) and batches.dtype == torch.int64
-    assert len(batches.flatten().unique()) == 9 and 0 <= batches.min() and batches.max() < 10
-
-
-def test_shuffled_batches_are_a_fresh_permutation_each_epoch_and_repeat_with_the_seed():
-    cpu = torch.device('cpu')
-    first, second = (data.shuffled_batches(64, 8, cpu, seed=1, epoch=epoch) for epoch in (1, 2))
-    assert sorted(first.flatten().tolist()) == sorted(second.flatten().tolist()) == list(range(64))
-    assert not torch.equal(first, second) and not torch.equal(first.flatten(), torch.arange(64))
-    torch.manual_seed(123)  # the global random stream, which draws the noise, does not change the order
-    assert torch.equal(data.shuffled_batches(64, 8, cpu, seed=1, epoch=1), first)
-    assert not torch.equal(data.shuffled_batches(64, 8, cpu, seed=2, epoch=1), first)
-
-
-def test_under_torchrun_each_process_takes_its_share_of_every_global_batch(monkeypatch):
-    cpu = torch.device('cpu')
-    whole = data.shuffled_batches(64, 8, cpu, seed=1, epoch=3)
-    shares = []
-    for rank in (0, 1):
-        monkeypatch.setattr(data, 'rank', lambda rank=rank: rank)
-        monkeypatch.setattr(data, 'world_size', lambda: 2)
-        shares.append(data.shuffled_batches(64, 8, cpu, seed=1, epoch=3))
-    assert shares[0].shape == shares[1].shape == (8, 4)
-    assert torch.equal(torch.cat(shares, dim=1), whole)  # together, each global batch once
