@@ -1,23 +1,23 @@
-"""mnist_classifier.py: the shipped weights, the Frechet distance, and the scale of MnistQuality's scores.
+"""Measuring the MNIST generators (README): the shipped classifier, the Frechet distance, the scale of
+MnistQuality's scores, the digest that pins a run to the classifier, and the collapse check.
 
-Uses the real MNIST in data/MNIST/raw/ and the shipped mnist_classifier.pt.
+The scores use the real MNIST in data/MNIST/raw/ and the shipped mnist_classifier.pt; mnist_classifier.py,
+which trains a classifier, is tested in test_tools.py.
 """
+import hashlib
 import math
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from plumbing import data  # noqa: E402
-from conftest import run_script  # noqa: E402
-from mnist_classifier import accuracy  # noqa: E402
-from plumbing.mnist_quality import (DEFAULT_WEIGHTS, Classifier, MnistQuality, frechet_distance,  # noqa: E402
-                                    load_classifier, weights_digest)
+from plumbing import data
+from plumbing.collapse import CollapseCheck
+from plumbing.results_folder import RunFolder
+from conftest import REPO, as_if_made_with, history, run_script, tiny_args
+from mnist_classifier import accuracy
+from plumbing.mnist_quality import (DEFAULT_WEIGHTS, Classifier, MnistQuality, frechet_distance, load_classifier,
+                                    weights_digest)
 
 DATA = str(REPO / 'data')
 N = 2000
@@ -78,17 +78,6 @@ def test_missing_weights_say_how_to_train(tmp_path, capsys):
     with pytest.raises(SystemExit):
         MnistQuality(DATA, 28, 'cpu', weights=str(tmp_path / 'absent.pt'))
     assert 'python mnist_classifier.py' in capsys.readouterr().err
-
-
-def test_training_script_saves_weights(mnist_dir, tmp_path):
-    """One short epoch on conftest's tiny fake MNIST: the script runs, reports, and saves loadable weights."""
-    weights = tmp_path / 'classifier.pt'
-    proc = run_script('mnist_classifier.py', f'--data_dir={mnist_dir}', f'--weights={weights}', '--train_epoch=1',
-                      '--batch_size=64', cwd=tmp_path, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert '[1/1] train loss:' in proc.stdout and 'test accuracy:' in proc.stdout
-    Classifier().load_state_dict(torch.load(weights, weights_only=True))
-    assert [p.name for p in tmp_path.iterdir()] == ['classifier.pt']  # no temp file left behind
 
 
 # ---------------------------------------------------------------- the Frechet distance
@@ -169,3 +158,64 @@ SHIPPED_DIGEST = '2d128113b3ac01732ba7a62cbfc48d60f81012a89553384291cf5005220925
 def test_the_shipped_weights_are_the_ones_every_score_was_measured_with():
     """Every fid in the README and docs/results.md was measured with this file: a retrained one changes them all."""
     assert weights_digest(DEFAULT_WEIGHTS) == SHIPPED_DIGEST
+
+
+def test_weights_digest_is_the_sha256_of_the_file(tmp_path):
+    a, b = tmp_path / 'a.pt', tmp_path / 'b.pt'
+    a.write_bytes(b'\x00' * (3 << 20) + b'a')  # beyond one read of 1 MiB: every chunk counts
+    b.write_bytes(b'\x00' * (3 << 20) + b'b')
+    assert weights_digest(str(a)) == hashlib.sha256(a.read_bytes()).hexdigest()
+    assert weights_digest(a) != weights_digest(b)
+    assert weights_digest(DEFAULT_WEIGHTS) == hashlib.sha256(open(DEFAULT_WEIGHTS, 'rb').read()).hexdigest()
+
+
+def test_weights_digest_of_a_missing_file_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        weights_digest(tmp_path / 'absent.pt')
+    assert stop.value.code == 1
+    assert capsys.readouterr().err == (
+        f"error: cannot read {tmp_path / 'absent.pt'} (No such file or directory); if it is the shipped "
+        f"mnist_classifier.pt, restore it from git, else run python mnist_classifier.py to train one\n")
+
+
+# ---------------------------------------------------------------- the collapse check
+
+def test_a_forced_collapse_is_reported_and_the_best_generator_kept(mnist_dir, tmp_path):
+    out = tmp_path / 'collapsing'
+    args = tiny_args('mnist_cgan.py', mnist_dir, out, 2)
+    assert run_script('mnist_cgan.py', *args, cwd=tmp_path).returncode == 0
+    best_before = (out / 'MNIST_cGAN_generator_best.pt').read_bytes()
+    best_epoch = min(history(out, 'MNIST_cGAN')['epochs'], key=lambda e: e['fid'])['epoch']
+    # An absurd learning rate wrecks the generator in one epoch; its fid soars over its best.
+    as_if_made_with(out / 'checkpoint.pt', lr=0.5)
+    collapse = ['--train_epoch=6', '--lr=0.5', '--collapse_factor=1.3', '--stop_on_collapse=true']
+    result = run_script('mnist_cgan.py', *args, *collapse, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'COLLAPSE at epoch 3: fid ' in result.stdout and 'stopping (stop_on_collapse)' in result.stdout
+    assert [e['epoch'] for e in history(out, 'MNIST_cGAN')['epochs']] == [1, 2, 3]
+    assert (out / 'MNIST_cGAN_generator_best.pt').read_bytes() == best_before
+    assert f'best generator: epoch {best_epoch}' in result.stdout
+
+
+def run_with_losses(tmp_path, losses_d):
+    """A Run whose history holds epochs with these mean D losses, the last one just finished."""
+    run = RunFolder('M', {'results_dir': str(tmp_path)}, models={}, optimizers={}, exports={})
+    run.history = [{'epoch': epoch, 'loss_d': loss_d} for epoch, loss_d in enumerate(losses_d, 1)]
+    return run
+
+
+@pytest.mark.parametrize('smoothing, loss_d, collapsed', [(0.0, 0.03, True), (0.0, 0.34, False),
+                                                         (0.1, 0.34, True), (0.1, 0.45, False)])
+def test_a_discriminator_at_its_least_loss_is_a_collapse(tmp_path, capsys, smoothing, loss_d, collapsed):
+    # With real targets of 0.9, D's loss cannot go below 0.325: a D that wins outright sits there, not at 0.
+    run = run_with_losses(tmp_path, [0.9, 0.8, loss_d])
+    assert CollapseCheck(smoothing, stop_on_collapse=True).stops(run) == collapsed
+    assert ('COLLAPSE at epoch 3' in capsys.readouterr().out) == collapsed
+
+
+@pytest.mark.parametrize('first_epochs', [[0.027], [0.027, 0.01]])
+def test_a_discriminator_winning_from_the_start_is_not_a_collapse(tmp_path, capsys, first_epochs):
+    # Measured here: the MNIST DCGAN at d = 16 began with loss_d 0.027 over epoch 1 and then learned normally.
+    run = run_with_losses(tmp_path, first_epochs)
+    assert not CollapseCheck(0.0, stop_on_collapse=True).stops(run)
+    assert 'COLLAPSE' not in capsys.readouterr().out
