@@ -3,7 +3,8 @@
 Each script's command line runs in this process (run_in_process) while a ModelWatch records every call of its
 Generator and Discriminator. The expectations come from the experiments' definitions (EXPERIMENTS.md, README),
 not from the scripts' helpers: which images and labels D is shown, the losses of D's outputs, the batch order,
-the average of G's weights, and the learning rate of every optimizer step.
+the average of G's weights, and the learning rate of every optimizer step. And whole runs, compared by their
+histories: the same seed trains to the same losses, and the average changes what is sampled, not the training.
 """
 import importlib
 import json
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ModelWatch, fake_digits, run_in_process, write_faces
+from conftest import ModelWatch, fake_digits, history, run_in_process, run_script, tiny_args, write_faces
 
 MNIST_LIMIT, MNIST_BATCH = 128, 32
 FACES = {'female': 24, 'male': 16}
@@ -236,3 +237,27 @@ def test_both_optimizers_use_the_scheduled_rate_every_epoch(script, mnist_dir, f
     for lrs in steps.lrs.values():
         assert all(len(groups) == 1 for groups in lrs)
         assert [groups[0] for groups in lrs] == pytest.approx(expected, rel=1e-12)
+
+
+# ---------------------------------------------------------------- whole runs: the seed, and what the EMA changes
+
+def test_same_seed_same_losses_on_cpu(mnist_dir, tmp_path):
+    runs = [tmp_path / 'a', tmp_path / 'b']
+    for out in runs:
+        result = run_script('mnist_gan.py', *tiny_args('mnist_gan.py', mnist_dir, out, 2), cwd=tmp_path)
+        assert result.returncode == 0
+    first, second = (history(out, 'MNIST_GAN')['epochs'] for out in runs)
+    assert [e['loss_g'] for e in first] == [e['loss_g'] for e in second]
+
+
+@pytest.mark.parametrize('script, model', [('mnist_cgan.py', 'MNIST_cGAN'), ('mnist_dcgan.py', 'MNIST_DCGAN')])
+def test_the_ema_changes_what_is_sampled_and_not_the_training(mnist_dir, tmp_path, script, model):
+    """The README's original-recipe columns rest on this: --ema_decay=0 trains to the very same losses."""
+    runs = {'ema': [], 'original': ['--ema_decay=0']}
+    for name, extra in runs.items():
+        result = run_script(script, *tiny_args(script, mnist_dir, tmp_path / name, 2), *extra, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    ema, original = (history(tmp_path / name, model)['epochs'] for name in runs)
+    training = ('loss_d', 'loss_g', 'd_real', 'd_fake')
+    assert [[e[k] for k in training] for e in ema] == [[e[k] for k in training] for e in original]
+    assert [e['fid'] for e in ema] != [e['fid'] for e in original]
