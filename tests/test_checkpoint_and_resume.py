@@ -3,7 +3,7 @@ a killed or interrupted run resumed from its last complete epoch, what a resume 
 folder, damaged files and files carrying code refused before anything is loaded, failed writes and memory
 running out stopped with one line.
 
-A resumed run equal to an uninterrupted one: test_mnist_scripts.py and test_celeba_training.py, beside the
+A resumed run equal to an uninterrupted one: test_mnist_outputs.py and test_celeba_outputs.py, beside the
 uninterrupted runs; under torchrun, test_torchrun.py. Runs that stop at once go through the script server (a
 fresh process each, without loading torch each time); what needs a process of its own (two at once, a kill, a
 Ctrl-C, a file size limit) starts one.

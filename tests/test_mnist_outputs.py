@@ -1,4 +1,6 @@
-"""The four MNIST scripts end to end at tiny scale, on IDX files the fixtures write."""
+"""The four MNIST scripts' outputs (README, Outputs and generating), end to end at tiny scale on IDX files the
+fixtures write: what a run prints, the files it writes and the grids' layouts, the best generator, --generate; a
+resumed run's outputs equal to an uninterrupted run's; nothing written on import, no stop when stdout closes."""
 import contextlib
 import importlib
 import io
@@ -11,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, ModelWatch, assert_same_picture, assert_same_run, history, png_pixels, render, \
-    run_in_process, tiny_args
+    run_in_process, start, tiny, tiny_args
 
 # script, model name, image side, grid columns, conditional, has a Random_results grid
 SCRIPTS = [
@@ -39,6 +41,8 @@ def trained(request, mnist_dir, tmp_path_factory):
                 has_random=has_random, out=work / 'out', stdout=printed.getvalue(),
                 sampled=watch.of('Generator', training=False))
 
+
+# ---------------------------------------------------------------- what a run prints and writes; --generate
 
 def test_prints_the_device_precision_and_why_then_the_seed_epoch_lines_and_total(trained):
     lines = trained['stdout'].splitlines()
@@ -186,15 +190,7 @@ def test_generate_draws_the_documented_grid_from_the_best_generator(trained):
     assert_same_picture(png_pixels(trained['out'] / f"{trained['model']}_generated.png"), expected)
 
 
-def test_importing_has_no_side_effects(tmp_path):
-    code = "import sys; sys.argv = ['x', '--bogus=1']; " + '; '.join(
-        f"import {s[:-3]}" for s, *_ in SCRIPTS) + "; print('imported')"
-    result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
-                            env={'PYTHONPATH': str(REPO), 'PATH': '/usr/bin:/bin'}, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout == 'imported\n'
-    assert list(tmp_path.iterdir()) == []
-
+# ---------------------------------------------------------------- a resumed run: the outputs of an uninterrupted one
 
 def test_a_resumed_run_equals_an_uninterrupted_one(trained, mnist_dir, tmp_path, capsys):
     """One epoch, then resumed for the second: the same history and the same weights and optimizer states,
@@ -210,3 +206,25 @@ def test_a_resumed_run_equals_an_uninterrupted_one(trained, mnist_dir, tmp_path,
         assert gif.n_frames == 2
     run_in_process(script, *tiny_args(script, mnist_dir, out, 2))
     assert 'already trained 2 epochs' in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- no output on import; no stop when stdout closes
+
+def test_importing_has_no_side_effects(tmp_path):
+    code = "import sys; sys.argv = ['x', '--bogus=1']; " + '; '.join(
+        f"import {s[:-3]}" for s, *_ in SCRIPTS) + "; print('imported')"
+    result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
+                            env={'PYTHONPATH': str(REPO), 'PATH': '/usr/bin:/bin'}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == 'imported\n'
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_losing_stdout_does_not_stop_the_training(mnist_dir, tmp_path):
+    process = start('mnist_gan.py', tiny(mnist_dir, 'out', 3), tmp_path)
+    assert process.stdout.readline().startswith('cpu, ')  # `| head -1`: one line read, then the pipe closes
+    process.stdout.close()
+    stderr = process.stderr.read()
+    assert process.wait(timeout=300) == 0, stderr
+    assert 'Traceback' not in stderr and 'BrokenPipe' not in stderr
+    assert torch.load(tmp_path / 'out' / 'checkpoint.pt', weights_only=True)['epoch'] == 3
