@@ -50,7 +50,8 @@ def test_auto_stays_fp32_for_a_model_whose_training_bf16_changed(cpu_with, gpu_w
                                                 ('mnist_dcgan.py', True), ('mnist_cdcgan.py', True),
                                                 ('celeba_dcgan.py', True), ('celeba_cdcgan.py', True)])
 def test_auto_takes_bf16_for_the_conv_models_and_keeps_fp32_for_the_mlps(cpu_with, script, takes_bf16):
-    """Measured (README, Speed): bf16 collapsed the cGAN, and kept the cDCGAN within fp32's seed spread."""
+    """Measured (docs/results.md, bf16 against fp32): bf16 collapsed the cGAN, and kept the cDCGAN within fp32's
+    seed spread."""
     import importlib
     cpu_with('AMX')
     dtype, _ = hardware.choose_precision('auto', CPU, importlib.import_module(script[:-3]).BF16_BY_DEFAULT)

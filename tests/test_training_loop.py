@@ -1,10 +1,12 @@
 """What every script's training step and epoch really do, watched from outside through model and optimizer hooks.
 
 Each script's command line runs in this process (run_in_process) while a ModelWatch records every call of its
-Generator and Discriminator. The expectations come from the experiments' definitions (EXPERIMENTS.md, README),
-not from the scripts' helpers: which images and labels D is shown, the losses of D's outputs, the batch order,
-the average of G's weights, and the learning rate of every optimizer step. And whole runs, compared by their
-histories: the same seed trains to the same losses, and the average changes what is sampled, not the training.
+Generator and Discriminator. The expectations come from the experiments' definitions, not from the scripts'
+helpers: the README (the table of the scripts, Reading order, Departures from the originals) and the papers
+(Goodfellow et al. 2014 for the losses, Mirza & Osindero 2014 for the labels): which images and labels D is
+shown, the losses of D's outputs, the batch order, the average of G's weights, and the learning rate of every
+optimizer step. And whole runs, compared by their histories: the same seed trains to the same losses, and the
+average changes what is sampled, not the training.
 """
 import importlib
 import json
@@ -28,7 +30,8 @@ SCRIPTS = [('mnist_gan.py', 'MNIST_GAN', False), ('mnist_cgan.py', 'MNIST_cGAN',
            ('celeba_dcgan.py', 'CelebA_DCGAN', False), ('celeba_cdcgan.py', 'CelebA_cDCGAN', True)]
 CONDITIONAL = [s[0] for s in SCRIPTS if s[2]]
 
-# The schedules of EXPERIMENTS.md: (epochs, the epochs at whose start the lr is divided by 10); lr 0.0002.
+# The schedules of the README's table of the scripts: (epochs, the epochs at whose start the lr is divided by
+# 10); lr 0.0002, the originals' (README, Departures from the originals).
 SCHEDULES = {'mnist_gan.py': (100, ()), 'mnist_cgan.py': (50, (30, 40)), 'mnist_dcgan.py': (20, ()),
              'mnist_cdcgan.py': (20, (11, 16)), 'celeba_dcgan.py': (20, (11, 16)),
              'celeba_cdcgan.py': (20, (11, 16))}
@@ -175,8 +178,9 @@ def test_every_epoch_is_a_fresh_permutation_in_full_batches(watched):
 
 
 def test_the_saved_generator_is_the_moving_average_of_g_s_weights(watched):
-    """README: the saved G is an exponential moving average of G's weights and BatchNorm statistics after each
-    step, its first value G itself, then decay min(ema_decay, (1 + n) / (10 + n)) after n averaged steps."""
+    """README (Departures from the originals): the saved G is an exponential moving average of G's weights, with
+    a short warm-up; as plumbing/moving_average.py spells it out, of G's weights and BatchNorm statistics after
+    each step, its first value G itself, then decay min(ema_decay, (1 + n) / (10 + n)) after n averaged steps."""
     decay = watched['history']['config']['ema_decay']
     states = watched['watch'].generator_states
     assert len(states) == 2 * watched['steps_per_epoch']
@@ -252,7 +256,8 @@ def test_same_seed_same_losses_on_cpu(mnist_dir, tmp_path):
 
 @pytest.mark.parametrize('script, model', [('mnist_cgan.py', 'MNIST_cGAN'), ('mnist_dcgan.py', 'MNIST_DCGAN')])
 def test_the_ema_changes_what_is_sampled_and_not_the_training(mnist_dir, tmp_path, script, model):
-    """The README's original-recipe columns rest on this: --ema_decay=0 trains to the very same losses."""
+    """docs/results.md's defaults against the original recipe rest on this: --ema_decay=0 trains to the very
+    same losses (README, Departures from the originals)."""
     runs = {'ema': [], 'original': ['--ema_decay=0']}
     for name, extra in runs.items():
         result = run_script(script, *tiny_args(script, mnist_dir, tmp_path / name, 2), *extra, cwd=tmp_path)
