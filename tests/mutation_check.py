@@ -133,7 +133,7 @@ MUTANTS = [
     Mutant('checkpoint loader: torch.load(..., weights_only=False)', 'plumbing/safe_files.py',
            "return torch.load(f, map_location='cpu', weights_only=True)",
            "return torch.load(f, map_location='cpu', weights_only=False)",
-           ['tests/test_checkpoint_and_resume.py', '-k', 'resume_refuses']),
+           ['tests/test_checkpoint_and_resume.py', '-k', 'resume_refuses_a_checkpoint']),
     Mutant('resume forgets the random state', 'plumbing/results_folder.py',
            "torch.set_rng_state(streams[rank()]['cpu'])", 'pass',
            ['tests/test_mnist_outputs.py', '-k', 'mnist_gan and resumed_run']),
