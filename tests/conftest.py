@@ -78,6 +78,7 @@ def mnist_dir(tmp_path_factory):
 # Downloads must fail fast and for sure, whatever network the machine has.
 OFFLINE = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9',
            'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9', 'no_proxy': ''}
+ENV = {**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}  # a script's, on one CPU thread
 
 
 def run_script(script, *args, cwd, timeout=300, **popen):
@@ -293,6 +294,12 @@ def as_if_made_with(checkpoint, **constants):
 def assert_refused(result, status, line):
     """The run stopped with this status and exactly this one line on stderr."""
     assert (result['status'], result['stderr']) == (status, f'error: {line}\n')
+
+
+def one_line(result, status, start):
+    """The run stopped with this status and one line on stderr, which starts so."""
+    assert result['status'] == status, result['stderr']
+    assert result['stderr'].startswith(f'error: {start}') and result['stderr'].count('\n') == 1, result['stderr']
 
 
 @pytest.fixture(scope='module')

@@ -1,7 +1,7 @@
 """celeba_preprocess.py (README, CelebA) on a small fake CelebA in the real file formats (CelebA itself is not
 needed): the faces it writes, their classes and its summary; the settings it records, and a rerun that adds to
-faces made alike and refuses others; kills, SIGTERM and failed writes; bad input as one line. The faces as the
-training scripts read them: test_data.py."""
+faces made alike and refuses others; kills (of the run or of a worker), SIGTERM and failed writes; bad input as
+one line. The faces as the training scripts read them: test_data.py."""
 import errno
 import json
 import multiprocessing
@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageChops, ImageStat
 
 from plumbing.celeba import SETTINGS_FILE
-from conftest import HEADER, REPO, fake_face, folder_state, is_male, name_of, run_script, write_csv, write_txt
+from conftest import ENV, HEADER, REPO, fake_face, folder_state, is_male, name_of, run_script, write_csv, write_txt
 
 SCRIPT = 'celeba_preprocess.py'
 
@@ -334,6 +334,51 @@ def test_sigterm_is_one_line_and_a_rerun_finishes(few, tmp_path):
     assert sum(len(os.listdir(tmp_path / 'out' / cls)) for cls in ('female', 'male')) == count
 
 
+def test_a_sigterm_ends_the_preprocessing_with_one_line(tmp_path):
+    (tmp_path / 'many' / 'img_align_celeba').mkdir(parents=True)
+    face = fake_face(1)
+    for i in range(1, 3001):
+        (tmp_path / 'many' / 'img_align_celeba' / name_of(i)).write_bytes(face)
+    write_txt(tmp_path / 'many' / 'list_attr_celeba.txt', 3000)
+    args = [sys.executable, str(REPO / 'celeba_preprocess.py'), '--celeba_dir=many', '--output_dir=out', '--workers=2']
+    proc = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((tmp_path / 'out' / 'male').is_dir() and
+                                          len(os.listdir(tmp_path / 'out' / 'male')) >= 20):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and stderr.startswith('error: stopped by SIGTERM') and stderr.count('\n') == 1
+
+
+def test_a_dead_preprocessing_worker_ends_the_run_with_one_line_and_a_rerun_finishes(tmp_path):
+    count = 3000
+    faces = [fake_face(i) for i in range(1, 31)]
+    (tmp_path / 'many' / 'img_align_celeba').mkdir(parents=True)
+    for i in range(1, count + 1):
+        (tmp_path / 'many' / 'img_align_celeba' / name_of(i)).write_bytes(faces[i % 30])
+    write_txt(tmp_path / 'many' / 'list_attr_celeba.txt', count)
+    args = [sys.executable, str(REPO / 'celeba_preprocess.py'), '--celeba_dir=many', '--output_dir=out', '--workers=2']
+    proc = subprocess.Popen(args, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        written = sum(len(os.listdir(tmp_path / 'out' / c)) for c in ('female', 'male')
+                      if (tmp_path / 'out' / c).is_dir())
+        workers = subprocess.run(['pgrep', '-P', str(proc.pid)], capture_output=True, text=True).stdout.split()
+        if written >= 20 and workers:
+            os.kill(int(workers[0]), signal.SIGKILL)  # as the out-of-memory killer would
+            break
+        time.sleep(0.01)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert stderr.startswith('error: a worker process died (killed, or out of memory) after ') and \
+        stderr.endswith('run the same command again: it converts those not written yet\n') and stderr.count('\n') == 1
+    again = subprocess.run(args, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert sum(len([n for n in os.listdir(tmp_path / 'out' / c) if n.endswith('.jpg')]) for c in ('female', 'male')) \
+        == count
+
+
 def test_celeba_preprocess_on_a_full_disk_stops_with_one_line_and_no_partial_face(tmp_path):
     write_images(str(tmp_path / 'celeba' / 'img_align_celeba'))
     write_txt(str(tmp_path / 'celeba' / 'list_attr_celeba.txt'), LISTED)
@@ -390,3 +435,23 @@ def test_bad_input_gives_one_line_error(celeba, tmp_path, make, message):
     assert proc.returncode != 0
     assert proc.stderr.startswith('error: ') and proc.stderr.count('\n') == 1 and message in proc.stderr
     assert 'Traceback' not in proc.stderr
+
+
+@pytest.mark.parametrize('make, line', [
+    (lambda root: (root / 'list_attr_celeba.txt').mkdir(),
+     "cannot read {root}/list_attr_celeba.txt (Is a directory); it should be CelebA's attribute file, readable"),
+    (lambda root: (root / 'img_align_celeba').write_text('a file'),
+     "cannot read {root}/img_align_celeba (Not a directory); it should be CelebA's folder of faces, readable"),
+    (lambda root: (root / 'img_align_celeba.zip').mkdir(),
+     "cannot read {root}/img_align_celeba.zip (Is a directory); it should be the zip of CelebA's faces, readable"),
+], ids=['attributes_a_folder', 'images_a_file', 'zip_a_folder'])
+def test_celeba_as_downloaded_but_of_the_wrong_kind_is_one_line(tmp_path, make, line):
+    root = tmp_path / 'celeba'
+    root.mkdir()
+    make(root)
+    if not (root / 'list_attr_celeba.txt').exists():
+        write_txt(root / 'list_attr_celeba.txt', 3)
+    if not any((root / name).exists() for name in ('img_align_celeba', 'img_align_celeba.zip')):
+        (root / 'img_align_celeba').mkdir()
+    result = run_script('celeba_preprocess.py', '--celeba_dir=celeba', '--output_dir=out', cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (1, f"error: {line.format(root='celeba')}\n")

@@ -4,9 +4,10 @@ folder, damaged files and files carrying code refused before anything is loaded,
 running out stopped with one line.
 
 A resumed run equal to an uninterrupted one: test_mnist_outputs.py and test_celeba_outputs.py, beside the
-uninterrupted runs; under torchrun, test_torchrun.py. Runs that stop at once go through the script server (a
-fresh process each, without loading torch each time); what needs a process of its own (two at once, a kill, a
-Ctrl-C, a file size limit) starts one.
+uninterrupted runs; under torchrun, test_torchrun.py. The files made from the checkpoint, which agree with it after
+a kill at any write, and a fresh start in a folder of another model's checkpoint: test_mnist_outputs.py, on its run
+of two epochs. Runs that stop at once go through the script server (a fresh process each, without loading torch
+each time); what needs a process of its own (two at once, a kill, a Ctrl-C, a file size limit) starts one.
 """
 import ast
 import errno
@@ -28,10 +29,8 @@ from plumbing import folder_lock, results_folder, safe_files
 from plumbing.interrupts import Stopped
 from plumbing.results_folder import RunFolder
 from plumbing.run import Run
-from conftest import OFFLINE, REPO, as_if_made_with, assert_refused, dead_pid, folder_state, history, run_in_process, \
-    run_script, start, tiny, tiny_args, write_faces
-
-ENV = {**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}
+from conftest import ENV, OFFLINE, REPO, as_if_made_with, assert_refused, dead_pid, folder_state, history, one_line, \
+    run_in_process, run_script, start, tiny, tiny_args, write_faces
 
 
 def wait_for_line(process, prefix, timeout=180):
@@ -196,6 +195,18 @@ def test_ctrl_c_while_starting_is_one_line(mnist_dir, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130
     assert stderr == 'error: interrupted while starting, before any epoch was trained; run the same command again\n'
+
+
+def test_ctrl_c_while_generating_says_so(mnist_dir, tmp_path):
+    code = ('import sys; sys.path.insert(0, {repo!r}); sys.argv = ["mnist_gan.py", "--generate=4"]\n'
+            'import mnist_gan\n'
+            'def interrupted(run): raise KeyboardInterrupt\n'
+            'mnist_gan.common.main(vars(mnist_gan), mnist_gan.train, interrupted)\n').format(repo=str(REPO))
+    result = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                            timeout=120)
+    assert (result.returncode, result.stderr) == (
+        130, 'error: interrupted while writing samples, before any was saved; no trained file was changed; '
+             'run the same command again\n')
 
 
 def test_sigterm_while_starting_is_one_line(tmp_path):
@@ -392,6 +403,14 @@ def test_a_results_folder_where_a_file_is_stops_with_one_line(script_server, mni
                    f'cannot make the folder {results_dir} ({cause}); a file stands where a folder should be; '
                    f'move it away or choose another folder')
     assert [p.name for p in tmp_path.iterdir()] == ['taken'] and (tmp_path / 'taken').read_text() == 'a file'
+
+
+def test_a_folder_where_the_checkpoint_goes_is_one_line_before_any_training(script_server, mnist_dir, tmp_path):
+    (tmp_path / 'out' / 'checkpoint.pt').mkdir(parents=True)
+    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 1, '--resume=false'), tmp_path)
+    one_line(result, 1, 'out/checkpoint.pt is a folder, where this run writes a file; move it away or pass '
+                        'another --results_dir')
+    assert sorted(os.listdir(tmp_path / 'out')) == ['checkpoint.pt', 'run.lock']
 
 
 def test_an_unwritable_results_folder_is_one_line(tmp_path, monkeypatch, capsys):

@@ -13,7 +13,7 @@ import pytest
 
 from plumbing import config
 from plumbing.config import configure
-from conftest import OFFLINE, REPO, assert_refused, folder_state, run_script, tiny
+from conftest import OFFLINE, REPO, assert_refused, folder_state, one_line, run_script, tiny
 
 
 # ---------------------------------------------------------------- overrides
@@ -108,6 +108,12 @@ NEW_CONSTANTS_OUT_OF_RANGE = [
 def test_every_script_checks_every_constant(script_server, tmp_path, script, override, line):
     assert_refused(script_server(script, [override], tmp_path), 2, line)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize('value', ['nan', 'inf', '1e309', '-inf'])
+def test_a_learning_rate_that_is_no_finite_number_says_so(script_server, mnist_dir, tmp_path, value):
+    result = script_server('mnist_gan.py', [f'--data_dir={mnist_dir}', f'--lr={value}'], tmp_path)
+    one_line(result, 2, f'--lr={value}: expected a finite number (default 0.0002)')
 
 
 # Constants without a range, and why: any folder; pick_device checks the name; '' means the default.

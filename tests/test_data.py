@@ -1,9 +1,11 @@
 """The data (README, CelebA): MNIST's IDX files read, checked and looked for; CelebA's folders of faces, the
-memory-mapped cache decoded from them, and what is refused; the batches of every epoch. A damaged file or a
-wrong folder stops with one line before anything is written. Making the faces: test_celeba_preprocess.py.
+memory-mapped cache decoded from them (by one process under torchrun), and what is refused; the batches of
+every epoch. A damaged file or a wrong folder stops with one line before anything is written. Making the faces:
+test_celeba_preprocess.py.
 """
 import errno
 import gzip
+import json
 import os
 import shutil
 import signal
@@ -17,8 +19,8 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from plumbing import celeba, data
 from plumbing.interrupts import Stopped, raise_stopped
-from conftest import OFFLINE, REPO, assert_refused, dead_pid, fake_face, folder_state, name_of, run_script, tiny, \
-    write_faces, write_idx, write_txt
+from conftest import ENV, OFFLINE, REPO, TINY, assert_refused, dead_pid, fake_face, folder_state, name_of, one_line, \
+    run_script, tiny, write_faces, write_idx, write_txt
 
 
 # ---------------------------------------------------------------- MNIST
@@ -80,6 +82,17 @@ def test_an_mnist_file_of_too_few_images_is_one_line_before_training(mnist_dir, 
     assert not (tmp_path / 'out' / 'checkpoint.pt').exists()
 
 
+def test_a_batch_larger_than_the_data_says_how_many_images_there_are(script_server, mnist_dir, tmp_path):
+    result = script_server('mnist_gan.py', [f'--data_dir={mnist_dir}', '--results_dir=out', '--batch_size=70000'],
+                           tmp_path)
+    one_line(result, 1, f'{mnist_dir}/MNIST/raw/ holds 512 training image(s), less than one batch of 70000; '
+                        f'pass --batch_size=512 or lower')
+    write_faces(tmp_path / 'faces', {'female': 20, 'male': 20})
+    result = script_server('celeba_dcgan.py', ['--data_dir=faces', '--results_dir=out', '--train_limit=1000',
+                                               '--batch_size=512', '--d=8'], tmp_path)
+    one_line(result, 1, 'faces/ holds 40 training image(s), less than one batch of 512; pass --batch_size=40 or lower')
+
+
 def test_a_script_on_a_damaged_mnist_file_stops_before_writing(work, script_server, mnist_dir):
     data = work / 'data'
     shutil.copytree(mnist_dir, data)
@@ -112,6 +125,15 @@ def test_the_default_data_is_the_mnist_beside_the_scripts_from_any_folder(tmp_pa
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert sorted(os.listdir(tmp_path)) == ['out']  # no ./data/MNIST/raw made, nothing downloaded
+
+
+def test_a_script_started_through_a_link_finds_the_mnist_shipped_beside_it(tmp_path):
+    (tmp_path / 'other').mkdir()
+    (tmp_path / 'other' / 'gan.py').symlink_to(REPO / 'mnist_gan.py')
+    result = subprocess.run([sys.executable, 'gan.py', '--train_epoch=1', *TINY, '--results_dir=out'],
+                            cwd=tmp_path / 'other', env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert 'download' not in result.stdout and not (tmp_path / 'other' / 'data').exists()
 
 
 # ---------------------------------------------------------------- CelebA: the folder of faces
@@ -151,6 +173,15 @@ def test_faces_of_another_size_in_the_default_folder_say_to_make_them_beside_it(
     assert sorted(os.listdir(tmp_path / 'data')) == ['resized_celebA']
 
 
+def test_a_stray_face_of_another_size_is_named(script_server, tmp_path):
+    write_faces(tmp_path / 'faces', {'female': 20, 'male': 20})
+    Image.new('RGB', (65, 64)).save(tmp_path / 'faces' / 'male' / 'stray.png')
+    result = script_server('celeba_dcgan.py', ['--data_dir=faces', '--results_dir=out', '--batch_size=8', '--d=8'],
+                           tmp_path)
+    one_line(result, 1, '1 of the 41 images in faces/ are not 64x64: faces/male/stray.png (65x64); '
+                        'move them out of faces/')
+
+
 def test_unprocessed_faces_as_data_dir_say_what_the_folder_is(script_server, tmp_path):
     """CelebA's 178x218 JPEGs sorted into female/ and male/: not deleted, and the command that makes 64x64 ones."""
     for cls, i in (('female', 1), ('male', 3)):
@@ -188,6 +219,13 @@ def test_training_on_faces_made_with_another_crop_is_refused(tmp_path, capsys, m
         'error: data/resized_celebA/ holds faces made with --isCrop=False --img_size=64 (its celeba_preprocess.json '
         'says so), not --isCrop=True --img_size=64; train on them with --isCrop=False, or make --isCrop=True '
         '--img_size=64 faces with: python celeba_preprocess.py --isCrop=True and train without --data_dir\n')
+
+
+def test_a_results_folder_inside_the_faces_folder_is_refused(script_server, tmp_path):
+    write_faces(tmp_path / 'faces', {'female': 20, 'male': 20})
+    result = script_server('celeba_dcgan.py', ['--data_dir=faces', '--results_dir=faces/male/out', '--d=8'], tmp_path)
+    one_line(result, 2, '--results_dir=faces/male/out is inside the faces\' folder faces/; pass a --results_dir '
+                        'outside it')
 
 
 def test_train_limit_keeps_both_genders(tmp_path):
@@ -294,6 +332,17 @@ def test_a_damaged_face_is_deleted_only_where_the_preprocessing_made_it(tmp_path
     assert os.listdir(tmp_path) == ['faces']
 
 
+def test_a_damaged_face_advises_the_celeba_dir_its_rerun_needs(script_server, tmp_path):
+    write_faces(tmp_path / 'faces', {'female': 20, 'male': 20})
+    (tmp_path / 'faces' / 'celeba_preprocess.json').write_text(json.dumps({'isCrop': False, 'img_size': 64}))
+    (tmp_path / 'faces' / 'male' / '000005.jpg').write_bytes(b'')
+    result = script_server('celeba_dcgan.py', ['--data_dir=faces', '--results_dir=out', '--batch_size=8', '--d=8'],
+                           tmp_path)
+    one_line(result, 1, 'cannot decode faces/male/000005.jpg: it is damaged; delete it and make it again with: '
+                        'python celeba_preprocess.py --output_dir=faces (with --celeba_dir=FOLDER where CelebA as '
+                        'downloaded is not in data/celebA/)')
+
+
 @pytest.mark.parametrize('damage', ['index', 'cut short'])
 def test_a_damaged_cache_is_decoded_again(tmp_path, capsys, damage):
     write_faces(tmp_path / 'faces', {'female': 3, 'male': 2})
@@ -324,6 +373,28 @@ def test_a_zeroed_stretch_of_the_celeba_cache_is_decoded_again(tmp_path, capsys)
     assert f'{cache} does not match its checksum (damaged, or made by an older version): decoding it again' in \
         capsys.readouterr().out
     assert torch.equal(again, original)
+
+
+def torchrun(args, cwd):
+    return subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+                           str(REPO / 'celeba_dcgan.py'), '--', *args], cwd=cwd, env=ENV, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_under_torchrun_a_damaged_cache_is_decoded_again_before_any_process_maps_it(tmp_path):
+    write_faces(tmp_path / 'faces', {'female': 40, 'male': 40})
+    args = ['--data_dir=faces', '--train_epoch=1', '--batch_size=16', '--d=8', '--device=cpu']
+    clean = torchrun([*args, '--results_dir=clean'], tmp_path)
+    assert clean.returncode == 0, clean.stderr
+    cache = tmp_path / 'faces.u8'
+    cache.write_bytes(bytes(cache.stat().st_size))  # zeroed after it was built: black faces
+    damaged = torchrun([*args, '--results_dir=again'], tmp_path)
+    assert damaged.returncode == 0, damaged.stderr
+    assert 'does not match its checksum' in damaged.stdout
+    losses = [[{k: h[k] for k in ('loss_d', 'loss_g', 'd_real', 'd_fake')}
+               for h in json.loads((tmp_path / run / 'CelebA_DCGAN_train_hist.json').read_text())['epochs']]
+              for run in ('clean', 'again')]
+    assert losses[0] == losses[1]  # every process trained on the same, sound faces as the clean run
 
 
 def test_a_folder_where_the_cache_belongs_is_one_line(tmp_path, capsys):

@@ -1,19 +1,24 @@
 """The four MNIST scripts' outputs (README, Outputs and generating), end to end at tiny scale on IDX files the
-fixtures write: what a run prints, the files it writes and the grids' layouts, the best generator, --generate; a
-resumed run's outputs equal to an uninterrupted run's; nothing written on import, no stop when stdout closes."""
+fixtures write: what a run prints, the files it writes, the grids' layouts, the animation and the plots, the best
+generator, --generate; a resumed run's outputs equal to an uninterrupted run's; the files made from the
+checkpoint, which agree with it after a kill at any write, a rebuild or a fresh start (README, Resume: never
+losing a run); nothing written on import, no stop when stdout closes or fills."""
 import contextlib
 import importlib
 import io
+import json
 import math
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageSequence
 
-from conftest import REPO, ModelWatch, assert_same_picture, assert_same_run, history, png_pixels, render, \
-    run_in_process, start, tiny, tiny_args
+from conftest import ENV, REPO, ModelWatch, assert_same_picture, assert_same_run, copy_results, folder_state, history, \
+    one_line, png_pixels, render, run_in_process, run_script, start, tiny, tiny_args
+from plumbing import images as plumbing_images
 
 # script, model name, image side, grid columns, conditional, has a Random_results grid
 SCRIPTS = [
@@ -40,6 +45,22 @@ def trained(request, mnist_dir, tmp_path_factory):
     return dict(script=script, model=model, side=side, columns=columns, conditional=conditional,
                 has_random=has_random, out=work / 'out', stdout=printed.getvalue(),
                 sampled=watch.of('Generator', training=False))
+
+
+@pytest.fixture(scope='module')
+def two_epochs(script_server, mnist_dir, tmp_path_factory):
+    """A working folder whose out/ holds mnist_gan.py trained two tiny epochs (fid measured: a best G kept)."""
+    work = tmp_path_factory.mktemp('two_epochs')
+    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 2), work)
+    assert result['status'] == 0, result['stderr']
+    return work
+
+
+@pytest.fixture
+def work(two_epochs, tmp_path):
+    """A copy of the folder trained two epochs, for one test (conftest.py's work holds one epoch)."""
+    copy_results(two_epochs, tmp_path / 'work')
+    return tmp_path / 'work'
 
 
 # ---------------------------------------------------------------- what a run prints and writes; --generate
@@ -80,6 +101,25 @@ def test_every_output_is_written_and_readable(trained):
     assert f"best generator: epoch {best['epoch']}, fid {best['fid']:.2f}" in trained['stdout']
     assert hist['config']['train_epoch'] == 2 and hist['config']['d' if 'DC' in model else 'z_dim'] in (8, 100)
     assert hist['total_seconds'] == pytest.approx(sum(e['seconds'] for e in hist['epochs']))
+
+
+def test_the_animation_shows_each_epoch_for_half_a_second(work):
+    for gif in [work / 'out' / 'MNIST_GAN_generation_animation.gif', *sorted((REPO / 'assets').glob('*.gif'))]:
+        with Image.open(gif) as im:
+            durations = [frame.info.get('duration') for frame in ImageSequence.Iterator(im)]
+            assert im.info.get('loop') == 0
+        assert len(durations) > 1 and set(durations) == {500}, gif
+
+
+def test_the_plots_tick_whole_epochs_only(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    figures = []
+    monkeypatch.setattr(plt, 'close', figures.append)
+    history = [{'epoch': e, 'loss_d': 1.0 / e, 'loss_g': float(e)} for e in (1, 2, 3)]
+    plumbing_images.plot_curves(history, [('loss', ['loss_d', 'loss_g'], 'linear')], str(tmp_path / 'p.png'))
+    ticks = figures[0].axes[0].get_xticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks)
+    assert (tmp_path / 'p.png').exists()
 
 
 def widths(trained):
@@ -208,6 +248,107 @@ def test_a_resumed_run_equals_an_uninterrupted_one(trained, mnist_dir, tmp_path,
     assert 'already trained 2 epochs' in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------- the files made from the checkpoint agree with it
+
+def load(path):
+    return torch.load(path, weights_only=True)
+
+
+def equal_states(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_files_agree_with_the_checkpoint(out, model='MNIST_GAN'):
+    """The history, the last and the best generator on disk are those the checkpoint holds (its best epoch is
+    its last one in these tests, whose fid falls every epoch, so the best is its moving average of G)."""
+    checkpoint = load(out / 'checkpoint.pt')
+    with open(out / f'{model}_train_hist.json') as f:
+        assert json.load(f)['epochs'] == checkpoint['history']
+    average = {k.removeprefix('module.'): v for k, v in checkpoint['models']['generator_average'].items()
+               if k.startswith('module.')}
+    assert equal_states(load(out / f'{model}_generator.pt'), average)
+    assert equal_states(load(out / f'{model}_discriminator.pt'), checkpoint['models']['discriminator'])
+    assert min(checkpoint['history'], key=lambda h: h['fid'])['epoch'] == checkpoint['epoch']
+    assert equal_states(load(out / f'{model}_generator_best.pt'), average)
+
+
+def test_a_fresh_start_refuses_a_folder_holding_another_models_checkpoint(work, script_server, mnist_dir):
+    before = folder_state(work)
+    result = script_server('mnist_cgan.py', tiny(mnist_dir, 'out', 1, '--resume=false'), work)
+    one_line(result, 1, 'out/checkpoint.pt is the checkpoint of another model, MNIST_GAN; a fresh start of '
+                        'MNIST_cGAN would remove it: pass another --results_dir')
+    assert folder_state(work) == before  # the checkpoint, and raw_MNIST.png, as they were
+
+
+def test_a_fresh_start_of_the_same_model_still_removes_its_own_outputs(work, script_server, mnist_dir):
+    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 1, '--resume=false'), work)
+    assert result['status'] == 0 and 'starting afresh; removed the' in result['stdout']
+    assert load(work / 'out' / 'checkpoint.pt')['epoch'] == 1
+
+
+KILLER = '''
+import os, runpy, signal, sys
+sys.path.insert(0, {repo!r})
+from plumbing import safe_files
+from plumbing.results_folder import RunFolder
+write, end_epoch, after = safe_files.atomic_write, RunFolder.end_epoch, int(os.environ['KILL_AFTER_WRITE'])
+writes = None  # counted while an epoch's record is written
+def atomic_write_then_die(path, *args, **kwargs):
+    global writes
+    write(path, *args, **kwargs)
+    if writes is not None:
+        writes += 1
+        if writes == after:
+            os.kill(os.getpid(), signal.SIGKILL)  # as a power cut right after this file was replaced
+def counting_end_epoch(*args, **kwargs):
+    global writes
+    writes = 0
+    end_epoch(*args, **kwargs)
+safe_files.atomic_write, RunFolder.end_epoch = atomic_write_then_die, counting_end_epoch
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+'''
+
+
+@pytest.mark.parametrize('kill_after', [1, 2, 3, 4, 5])
+def test_a_kill_after_any_write_of_an_epoch_leaves_files_that_agree_once_rerun(work, mnist_dir, kill_after):
+    """Epoch 3 writes five files (the checkpoint, the last G and D, the best G, the history): a kill after any of
+    them, then the command that trained two epochs again, leaves history, weights and best generator as the
+    checkpoint says, whichever epoch it holds."""
+    (work / 'killer.py').write_text(KILLER.format(repo=str(REPO)))
+    args = [sys.executable, str(work / 'killer.py'), str(REPO / 'mnist_gan.py'), *tiny(mnist_dir, 'out', 3)]
+    killed = subprocess.run(args, cwd=work, env={**ENV, 'KILL_AFTER_WRITE': str(kill_after)}, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    resumed = run_script('mnist_gan.py', *tiny(mnist_dir, 'out', 2), cwd=work)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_files_agree_with_the_checkpoint(work / 'out')
+    best = min(load(work / 'out' / 'checkpoint.pt')['history'], key=lambda h: h['fid'])
+    assert f"best generator: epoch {best['epoch']}," in resumed.stdout
+
+
+def test_a_finished_run_rebuilds_every_output_its_checkpoint_can_make(work, script_server, mnist_dir):
+    for name in ('MNIST_GAN_train_hist.json', 'MNIST_GAN_generator.pt', 'MNIST_GAN_generator_best.pt'):
+        (work / 'out' / name).unlink()
+    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 2), work)
+    assert result['status'] == 0 and 'rebuilding the final outputs' in result['stdout']
+    assert_files_agree_with_the_checkpoint(work / 'out')
+    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 2, '--generate=4', '--generate_from=last'), work)
+    assert result['status'] == 0 and (work / 'out' / 'MNIST_GAN_generated.png').exists()
+
+
+def test_without_the_best_generator_generate_says_why_and_a_resume_writes_it_again(work, script_server, mnist_dir):
+    (work / 'out' / 'MNIST_GAN_generator_best.pt').unlink()
+    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 2, '--generate=4'), work)
+    assert result['status'] == 0
+    assert result['stdout'].startswith('no out/MNIST_GAN_generator_best.pt: a run keeps one where it measures '
+                                       'quality (quality_samples > 0), and a resume writes it again')
+    assert 'quality was not measured' not in result['stdout']
+    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 3), work)
+    assert result['status'] == 0 and (work / 'out' / 'MNIST_GAN_generator_best.pt').exists()
+    assert_files_agree_with_the_checkpoint(work / 'out')
+
+
 # ---------------------------------------------------------------- no output on import; no stop when stdout closes
 
 def test_importing_has_no_side_effects(tmp_path):
@@ -228,3 +369,21 @@ def test_losing_stdout_does_not_stop_the_training(mnist_dir, tmp_path):
     assert process.wait(timeout=300) == 0, stderr
     assert 'Traceback' not in stderr and 'BrokenPipe' not in stderr
     assert torch.load(tmp_path / 'out' / 'checkpoint.pt', weights_only=True)['epoch'] == 3
+
+
+@pytest.mark.parametrize('redirect', ['closed', 'full'])
+def test_a_lost_or_full_stdout_stops_neither_training_nor_help_nor_generate(mnist_dir, tmp_path, redirect):
+    def run(*args):
+        stdout = subprocess.DEVNULL if redirect == 'closed' else open('/dev/full', 'w')
+        command = [sys.executable, str(REPO / 'mnist_gan.py'), *args]
+        if redirect == 'closed':
+            command = ['bash', '-c', '"$@" >&-', 'run', *command]
+        return subprocess.run(command, cwd=tmp_path, env=ENV, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                              timeout=300)
+    trained = run(*tiny(mnist_dir, 'out', 1))
+    assert (trained.returncode, trained.stderr) == (0, '')
+    assert (tmp_path / 'out' / 'checkpoint.pt').exists()
+    for args in (['--help'], [*tiny(mnist_dir, 'out', 1), '--generate=4']):
+        result = run(*args)
+        assert (result.returncode, result.stderr) == (0, '')
+    assert (tmp_path / 'out' / 'MNIST_GAN_generated.png').exists()

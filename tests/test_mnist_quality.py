@@ -80,6 +80,30 @@ def test_missing_weights_say_how_to_train(tmp_path, capsys):
     assert 'python mnist_classifier.py' in capsys.readouterr().err
 
 
+def test_the_advice_for_a_missing_classifier_writes_one_where_it_is_looked_for(tmp_path, mnist_dir, capsys):
+    from plumbing.mnist_quality import load_classifier
+    path = tmp_path / 'mnist_classifier.pt'
+    with pytest.raises(SystemExit):
+        load_classifier(str(path), 'cpu')
+    line = capsys.readouterr().err
+    assert line == (f"error: no trained MNIST classifier at {path}; train one there: python mnist_classifier.py "
+                    f"--weights={path} --overwrite=True\n")
+    advised = line.split('train one there: python ')[1].split()
+    result = run_script(*advised, f'--data_dir={mnist_dir}', '--train_epoch=1', cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert load_classifier(str(path), 'cpu') is not None
+
+
+def test_the_shipped_classifiers_advice_restores_it(monkeypatch, tmp_path, capsys):
+    from plumbing import mnist_quality
+    monkeypatch.setattr(mnist_quality, 'DEFAULT_WEIGHTS', str(tmp_path / 'mnist_classifier.pt'))
+    with pytest.raises(SystemExit):
+        mnist_quality.load_classifier(mnist_quality.DEFAULT_WEIGHTS, 'cpu')
+    advice = capsys.readouterr().err
+    assert 'restore the shipped file (in a clone: git checkout -- mnist_classifier.pt), or train one there: ' \
+           f'python mnist_classifier.py --weights={tmp_path}/mnist_classifier.pt --overwrite=True' in advice
+
+
 # ---------------------------------------------------------------- the Frechet distance
 
 def test_frechet_distance_of_identical_gaussians_is_zero():
