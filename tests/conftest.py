@@ -1,19 +1,22 @@
-"""Shared fixtures: the repository on sys.path, tiny MNIST files in the real IDX format, script runners."""
+"""Shared fixtures: the repository on sys.path, tiny MNIST files in the real IDX format, script runners, tiny
+MNIST runs and a folder trained by one, a fake CelebA as downloaded."""
 import gzip
 import json
 import os
+import random
 import runpy
 import shutil
 import struct
 import subprocess
 import sys
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from torch.nn.modules.module import register_module_forward_hook
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -75,6 +78,7 @@ def mnist_dir(tmp_path_factory):
 # Downloads must fail fast and for sure, whatever network the machine has.
 OFFLINE = {'http_proxy': 'http://127.0.0.1:9', 'https_proxy': 'http://127.0.0.1:9',
            'HTTP_PROXY': 'http://127.0.0.1:9', 'HTTPS_PROXY': 'http://127.0.0.1:9', 'no_proxy': ''}
+ENV = {**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''}  # a script's, on one CPU thread
 
 
 def run_script(script, *args, cwd, timeout=300, **popen):
@@ -251,3 +255,135 @@ def copy_results(source, target):
     def link(source_file, target_file):
         (shutil.copy2 if os.path.basename(source_file) == 'run.lock' else os.link)(source_file, target_file)
     shutil.copytree(source, target, copy_function=link)
+
+
+# ---------------------------------------------------------------- tiny MNIST runs
+
+TINY = ['--train_limit=64', '--batch_size=32', '--device=cpu', '--quality_samples=50']
+
+
+def tiny(mnist_dir, results_dir, epochs, *extra):
+    """An MNIST script's arguments for a run of 64 images (2 batches) an epoch, scored on 50 images."""
+    return [f'--data_dir={mnist_dir}', f'--results_dir={results_dir}', f'--train_epoch={epochs}', *TINY, *extra]
+
+
+TINY_ARGS = ['--train_limit=256', '--batch_size=32', '--device=cpu', '--quality_samples=200']
+
+
+def tiny_args(script, mnist_dir, results_dir, epochs=2):
+    """An MNIST script's arguments for a run of 256 images (8 batches) an epoch, scored on 200 images; the
+    DCGANs at d = 8."""
+    width = ['--d=8'] if 'dcgan' in script else []
+    return [f'--data_dir={mnist_dir}', f'--results_dir={results_dir}', f'--train_epoch={epochs}', *TINY_ARGS, *width]
+
+
+def history(folder, model='MNIST_GAN'):
+    """The run's <model>_train_hist.json."""
+    return json.loads((folder / f'{model}_train_hist.json').read_text())
+
+
+def as_if_made_with(checkpoint, **constants):
+    """Rewrite a checkpoint as if its run had been started with these constants: a resume refuses to change
+    the experiment's, so a test that wrecks a run midway (an absurd lr) makes the run's own say so."""
+    state = torch.load(checkpoint, weights_only=True)
+    state['config'].update(constants)
+    checkpoint.unlink()
+    torch.save(state, checkpoint)
+
+
+def assert_refused(result, status, line):
+    """The run stopped with this status and exactly this one line on stderr."""
+    assert (result['status'], result['stderr']) == (status, f'error: {line}\n')
+
+
+def one_line(result, status, start):
+    """The run stopped with this status and one line on stderr, which starts so."""
+    assert result['status'] == status, result['stderr']
+    assert result['stderr'].startswith(f'error: {start}') and result['stderr'].count('\n') == 1, result['stderr']
+
+
+@pytest.fixture(scope='module')
+def trained_gan(script_server, mnist_dir, tmp_path_factory):
+    """A working folder whose out/ holds mnist_gan.py trained one tiny epoch: once per test file that asks."""
+    work = tmp_path_factory.mktemp('trained')
+    result = script_server('mnist_gan.py', tiny(mnist_dir, 'out', 1), work)
+    assert result['status'] == 0, result['stderr']
+    return work
+
+
+@pytest.fixture
+def work(trained_gan, tmp_path):
+    """A copy of the trained working folder for one test; damage a file in it only by replacing it."""
+    copy_results(trained_gan, tmp_path / 'work')
+    return tmp_path / 'work'
+
+
+# ---------------------------------------------------------------- processes
+
+def start(script, args, cwd):
+    """A script started in a process of its own, on one CPU thread, its stdout and stderr piped."""
+    return subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **OFFLINE, 'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': ''})
+
+
+def dead_pid():
+    """The pid of a process that has ended, as a killed run's is."""
+    child = subprocess.Popen([sys.executable, '-c', ''])
+    child.wait()
+    return child.pid
+
+
+# ---------------------------------------------------------------- a fake CelebA, as downloaded
+
+HEADER = ('5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair '
+          'Blond_Hair Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair '
+          'Heavy_Makeup High_Cheekbones Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face '
+          'Pale_Skin Pointy_Nose Receding_Hairline Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair '
+          'Wearing_Earrings Wearing_Hat Wearing_Lipstick Wearing_Necklace Young').split()
+
+
+def name_of(i):
+    return f'{i:06d}.jpg'
+
+
+def is_male(i):
+    return i % 3 == 0
+
+
+def fake_face(i):
+    """A 178x218 JPEG unlike the others: gradients, a 'face' near the centre and a block near an edge."""
+    rng = random.Random(i)
+    ramp = Image.linear_gradient('L').resize((178, 218))
+    im = Image.merge('RGB', (ramp, ramp.transpose(Image.Transpose.ROTATE_180), Image.new('L', (178, 218), i * 7)))
+    draw = ImageDraw.Draw(im)
+    x, y = rng.randrange(40, 80), rng.randrange(50, 100)
+    draw.ellipse((x, y, x + 60, y + 80), fill=tuple(rng.randrange(256) for _ in range(3)))
+    draw.rectangle((rng.randrange(0, 20), rng.randrange(0, 30), rng.randrange(30, 60), rng.randrange(40, 70)),
+                   fill=tuple(rng.randrange(256) for _ in range(3)))
+    data = BytesIO()
+    im.save(data, 'JPEG', quality=90)
+    return data.getvalue()
+
+
+def attribute_rows(count, male=is_male):
+    """CelebA's rows: the name, then each value right-aligned in 3 columns ('  1' or ' -1'), some trailing spaces."""
+    rng = random.Random(count)
+    for i in range(1, count + 1):
+        values = [rng.choice((-1, 1)) for _ in HEADER]
+        values[HEADER.index('Male')] = 1 if male(i) else -1
+        yield name_of(i), values, ''.join(f'{v:3d}' for v in values) + ' ' * (i % 3)
+
+
+def write_txt(path, count, header=HEADER, with_count=True, newline='\n'):
+    lines = ([str(count)] if with_count else []) + [' '.join(header) + ' ']
+    lines += [name + text for name, _, text in attribute_rows(count)]
+    with open(path, 'w', newline='') as f:
+        f.write(newline.join(lines) + newline)
+
+
+def write_csv(path, count):
+    lines = [','.join(['image_id'] + HEADER)] + [','.join([name] + [str(v) for v in values])
+                                                 for name, values, _ in attribute_rows(count)]
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines) + '\n')

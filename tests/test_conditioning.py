@@ -1,8 +1,9 @@
 """The conditional models (MNIST cGAN, MNIST cDCGAN, CelebA cDCGAN) really use their labels.
 
-Unit checks on fresh models: the label changes G's and D's outputs, and enters as EXPERIMENTS.md defines it (a
-one-hot vector; D's constant planes, plane y ones). End to end: a short real training on data whose class is
-plain to see makes a generator whose samples show the requested class, judged here without the scripts' code.
+Unit checks on fresh models: the label changes G's and D's outputs, and enters as the README's Reading order
+defines it (a one-hot vector, as in Mirza & Osindero 2014; D's constant planes, plane y ones). End to end: a short
+real training on data whose class is plain to see makes a generator whose samples show the requested class,
+judged here without the scripts' code.
 """
 import importlib
 
@@ -36,7 +37,8 @@ def inputs(module, classes, side, n=6):
 
 
 def label_layer(model, classes):
-    """The one layer whose input width is the number of classes: where EXPERIMENTS.md feeds the label in."""
+    """The one layer whose input width is the number of classes: where the README's Reading order feeds the label
+    in."""
     layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))
               and getattr(m, 'in_features', getattr(m, 'in_channels', None)) == classes]
     assert len(layers) == 1, 'exactly one layer reads the label'
@@ -125,7 +127,7 @@ def saved_generator(script, out, model, widths):
 
 # script, model, image side, constructor widths, the training run (a few hundred steps: seconds on one thread).
 # fp32 whatever the CPU: 'auto' picks bf16 on some, and these thresholds hold for fp32 (bf16 missed the
-# CelebA toy's gender in 1 of 3 seeds here; the README says so).
+# CelebA toy's gender in 1 of 3 seeds here; the toy's fp32 runs: docs/results.md, bf16 against fp32).
 MNIST_RUNS = [('mnist_cgan.py', 'MNIST_cGAN', 8, {'img_size': 8}, ['--img_size=8', '--batch_size=32']),
               ('mnist_cdcgan.py', 'MNIST_cDCGAN', 32, {'d': 16}, ['--d=16', '--batch_size=16', '--lr=0.0005'])]
 
@@ -148,7 +150,7 @@ def test_a_short_training_makes_the_requested_digits(easy_mnist, tmp_path, scrip
 def test_a_short_training_makes_faces_of_the_requested_gender(tmp_path):
     """The fake faces' gender is their colour (female red, male blue): 8 epochs of 256 faces at d = 16.
     At d = 8 D could win outright and leave G one colour for both genders, on seeds that depended on the
-    CPU's kernels; d = 16 learnt it on every seed tried (README, Quality: bf16 against fp32)."""
+    CPU's kernels; d = 16 learnt it on every seed tried (docs/results.md, bf16 against fp32)."""
     write_faces(tmp_path / 'faces', {'female': 128, 'male': 128})
     out, width = tmp_path / 'out', 16
     run_in_process('celeba_cdcgan.py', f'--data_dir={tmp_path / "faces"}', f'--results_dir={out}', f'--d={width}',

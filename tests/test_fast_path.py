@@ -1,15 +1,14 @@
-"""The fast path: the precision choice, mixed-precision runs that train and resume, channels_last, the benchmark."""
-import contextlib
+"""The fast path (docs/speed.md): the precision choice, mixed-precision runs that train and resume, channels_last,
+the generators' output under bf16. Its CUDA paths, with the GPU mocked: test_gpu_paths.py; the benchmark:
+test_tools.py."""
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from plumbing import data, hardware
-from conftest import REPO, run_script
+from conftest import run_script
 
 CPU, CUDA = torch.device('cpu'), torch.device('cuda')
 
@@ -51,7 +50,8 @@ def test_auto_stays_fp32_for_a_model_whose_training_bf16_changed(cpu_with, gpu_w
                                                 ('mnist_dcgan.py', True), ('mnist_cdcgan.py', True),
                                                 ('celeba_dcgan.py', True), ('celeba_cdcgan.py', True)])
 def test_auto_takes_bf16_for_the_conv_models_and_keeps_fp32_for_the_mlps(cpu_with, script, takes_bf16):
-    """Measured (README, Speed): bf16 collapsed the cGAN, and kept the cDCGAN within fp32's seed spread."""
+    """Measured (docs/results.md, bf16 against fp32): bf16 collapsed the cGAN, and kept the cDCGAN within fp32's
+    seed spread."""
     import importlib
     cpu_with('AMX')
     dtype, _ = hardware.choose_precision('auto', CPU, importlib.import_module(script[:-3]).BF16_BY_DEFAULT)
@@ -226,31 +226,3 @@ def test_under_bf16_a_saturated_pixel_still_gets_a_gradient(script, sized, condi
     assert (images < 1).all()  # not rounded onto the saturated value
     images.sum().backward()
     assert (last.bias.grad > 0).all()
-
-
-# ---------------------------------------------------------------- the benchmark
-
-def test_the_benchmark_runs_in_smoke_mode_and_prints_its_table(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'speed.py'), '--smoke=True',
-                             '--layouts=1x1,2x1', '--scripts=celeba_cdcgan.py', '--precisions=fp32,bf16',
-                             '--memory_formats=channels_last'],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                            env={'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'PATH': '/usr/bin:/bin'})
-    assert result.returncode == 0, result.stderr
-    rows = [line for line in result.stdout.splitlines() if line.startswith('| celeba_')]
-    assert [row.split(' | ')[1:4] for row in rows] == [
-        [layout, 'channels_last', precision] for layout in ('1x1', '2x1')  # one process; torchrun, 2 processes
-        for precision in ('fp32', 'bf16')]
-    for row in rows:
-        cells = row.strip('|').split('|')
-        assert float(cells[4].split()[0]) > 0 and float(cells[7]) > 0  # img/s and GFLOP per image
-    assert all(row.split(' | ')[5].endswith('x') for row in rows[1::2])  # bf16 against fp32
-
-
-def test_the_benchmark_names_an_unknown_memory_format_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'speed.py'), '--memory_formats=nhwc'],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'PATH': '/usr/bin:/bin'})
-    assert (result.returncode, result.stderr) == (
-        2, 'error: --memory_formats=nhwc: use channels_last, contiguous or both, comma-separated\n')
-    assert result.stdout == ''

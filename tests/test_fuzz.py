@@ -15,8 +15,7 @@ import pytest
 
 from plumbing import config
 from plumbing.results_folder import RunFolder
-from conftest import copy_results, folder_state
-from test_celeba_training import write_faces
+from conftest import copy_results, folder_state, write_faces
 
 DRAWS = 20  # per script: with a fixed seed, the same draws every time
 
@@ -170,7 +169,7 @@ SPEED_VALUES = {
     'memory_formats': ['channels_last', 'contiguous,channels_last', 'contiguous,contiguous', 'nhwc', '', ','],
     'output': ['{tmp}/speed.json', '{tmp}/nowhere/x.json', '{tmp}/a_file/x.json', '{tmp}', '', 'nowhere/x.json'],
     # only devices this test's processes cannot use (CUDA_VISIBLE_DEVICES=''): a draw whose values all pass
-    # stops there, before measuring, which is the smoke test's (test_fast_path) to run
+    # stops there, before measuring, which is the smoke test's (test_tools) to run
     'device': ['cuda', 'cuda:1', 'mps', 'meta', 'gpu', ''],
 }
 

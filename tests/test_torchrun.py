@@ -1,4 +1,5 @@
-"""Several processes: the training scripts under torchrun (gloo on the CPU, two processes, tiny sizes)."""
+"""Several processes (README, Several GPUs and machines): the training scripts under torchrun (gloo on the CPU, two
+processes, tiny sizes), and torchrun's variables left set without it. On GPUs, mocked: test_gpu_paths.py."""
 import json
 import os
 import signal
@@ -10,7 +11,8 @@ import time
 import pytest
 import torch
 
-from conftest import OFFLINE, REPO
+from conftest import OFFLINE, REPO, tiny
+from plumbing.interrupts import Stopped
 
 TINY = {'mnist_cgan.py': ('MNIST_cGAN', []), 'mnist_cdcgan.py': ('MNIST_cDCGAN', ['--d=8'])}
 
@@ -154,8 +156,8 @@ def test_a_world_size_that_does_not_divide_the_batch_is_one_line_and_status_2(mn
                                                  '--batch_size=33'], tmp_path)
     outputs = [process.communicate(timeout=120) for process in processes]
     assert [process.returncode for process in processes] == [2, 2]
-    assert outputs[0][1] == ("error: batch_size=33 does not split over 2 processes: use a number of processes "
-                             "that divides it, or another --batch_size\n")
+    assert outputs[0][1] == ("error: batch_size=33 does not split over 2 processes: start a number of processes "
+                             "that divides 33\n")
     assert outputs[1][1] == ''  # the same trouble in every process: rank 0 says it once
     assert not (tmp_path / 'out').exists()
 
@@ -190,3 +192,33 @@ def test_a_batch_share_of_one_image_is_one_line_and_status_2(mnist_dir, tmp_path
     assert outputs[0][1] == ("error: batch_size=2 over 2 processes leaves each one image a step, and BatchNorm needs "
                              "2 at least: pass --batch_size=4 or more, or start fewer processes\n")
     assert not (tmp_path / 'out').exists()
+
+
+# ---------------------------------------------------------------- torchrun's variables without it; a failed collective
+
+@pytest.mark.parametrize('variables, line', [
+    ({'WORLD_SIZE': '2', 'RANK': '1'}, 'WORLD_SIZE=2 is set, but not MASTER_ADDR and MASTER_PORT: start the script '
+     'with torchrun (python -m torch.distributed.run --nproc_per_node=2 ...), or unset RANK, WORLD_SIZE and '
+     'LOCAL_RANK to run one process'),
+    ({'RANK': '1'}, 'RANK=1 does not fit WORLD_SIZE=1: start the script with torchrun, or unset RANK, WORLD_SIZE and '
+     'LOCAL_RANK to run one process'),
+    ({'WORLD_SIZE': 'two'}, "WORLD_SIZE='two' is not a process number: start the script with torchrun, or unset "
+     "RANK, WORLD_SIZE and LOCAL_RANK to run one process")])
+def test_torchrun_s_variables_left_set_without_torchrun_are_one_line(mnist_dir, tmp_path, variables, line):
+    done = subprocess.run([sys.executable, str(REPO / 'mnist_gan.py'), *tiny(mnist_dir, 'out', 1)], cwd=tmp_path,
+                          env={**env(), **variables}, capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stderr) == (2, f'error: {line}\n')
+    assert not (tmp_path / 'out').exists()
+
+
+def test_only_a_failed_collective_is_an_interruption(monkeypatch):
+    from plumbing import torchrun
+    from plumbing.run import is_interruption
+    gloo = RuntimeError('[../third_party/gloo/gloo/transport/tcp/pair.cc:525] Read error [127.0.0.1]:8623: '
+                        'Connection reset by peer')
+    bug = RuntimeError('mat1 and mat2 shapes cannot be multiplied (32x100 and 10x256)')
+    assert is_interruption(KeyboardInterrupt()) and is_interruption(Stopped())
+    assert not is_interruption(gloo) and not is_interruption(bug)  # one process: no collective to fail
+    monkeypatch.setattr(torchrun, 'world_size', lambda: 2)
+    assert is_interruption(gloo) and is_interruption(torch.distributed.DistBackendError('NCCL error'))
+    assert not is_interruption(bug) and not is_interruption(ValueError('a bug'))  # seen in full, under torchrun too

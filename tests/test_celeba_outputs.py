@@ -1,8 +1,10 @@
-"""celeba_dcgan.py and celeba_cdcgan.py end to end at tiny scale, on folders of 64x64 JPEG faces written here."""
+"""celeba_dcgan.py's and celeba_cdcgan.py's outputs (README, Outputs and generating; CelebA), end to end at tiny
+scale on folders of 64x64 JPEG faces written here: what a run prints, the files it writes, the gender layouts of
+the grids and the morphing image, --generate, the crop variant's folders; a resumed run's outputs equal to an
+uninterrupted run's; nothing written on import. Reading the faces: test_data.py."""
 import contextlib
 import importlib
 import io
-import json
 import math
 import os
 import subprocess
@@ -13,8 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from plumbing import celeba
-from conftest import REPO, ModelWatch, assert_same_picture, assert_same_run, png_pixels, render, \
+from conftest import REPO, ModelWatch, assert_same_picture, assert_same_run, history, png_pixels, render, \
     run_in_process, run_script, write_faces
 
 # script, model name, fixed grid columns, conditional
@@ -26,10 +27,6 @@ CROP_FACES = {'female': 12, 'male': 12}  # data/resized_celebA_crop
 
 def grid_side(columns, side=64):
     return columns * (side + 2) + 2  # make_grid's 2-pixel padding around every image
-
-
-def history(results_dir, model):
-    return json.loads((results_dir / f'{model}_train_hist.json').read_text())
 
 
 @pytest.fixture(scope='module')
@@ -56,6 +53,8 @@ def trained(request, work):
     return dict(script=script, model=model, columns=columns, conditional=conditional, out=work / f'{model}_results',
                 stdout=printed.getvalue(), work=work, sampled=watch.of('Generator', training=False))
 
+
+# ---------------------------------------------------------------- what a run prints and writes; --generate
 
 def test_prints_the_device_precision_and_why_then_the_seed_epoch_lines_and_total(trained):
     lines = [line for line in trained['stdout'].splitlines() if not line.startswith('decoding')]
@@ -102,6 +101,21 @@ def gender_pairs(z_rows):
     rows, columns, _ = z_rows.shape
     labels = torch.tensor([0, 1]).repeat(rows).repeat_interleave(columns)
     return z_rows.repeat_interleave(2, dim=0).flatten(0, 1), labels
+
+
+def test_cdcgan_fixed_inputs_follow_the_gender_layouts():
+    import celeba_cdcgan
+    fixed = celeba_cdcgan.fixed_inputs(torch.device('cpu'))
+    z, labels = fixed['z'].view(4, 4, -1), fixed['labels'].view(4, 4)
+    assert labels.tolist() == [[0] * 4, [1] * 4] * 2  # rows 1 and 3 female, 2 and 4 male
+    assert torch.equal(z[0], z[1]) and torch.equal(z[2], z[3]) and not torch.equal(z[0], z[2])
+    z, labels = fixed['morph_z'].view(10, 10, -1), fixed['morph_labels'].view(10, 10)
+    assert labels.tolist() == [[0] * 10, [1] * 10] * 5
+    for pair in range(5):
+        row = z[2 * pair]
+        assert torch.equal(row, z[2 * pair + 1])  # the male row has the female row's noise
+        steps = row[1:] - row[:-1]  # a straight line in equal steps
+        assert torch.allclose(steps, steps[0].expand_as(steps), atol=1e-5)
 
 
 def test_the_fixed_grid_shows_the_fixed_inputs_in_the_documented_layout(trained):
@@ -197,6 +211,8 @@ def test_the_crop_variant_has_its_own_folders(work, script, model):
     assert os.path.getsize(work / 'data' / 'resized_celebA_crop.u8') == sum(CROP_FACES.values()) * 3 * 64 * 64
 
 
+# ---------------------------------------------------------------- a resumed run: the outputs of an uninterrupted one
+
 def test_a_resumed_run_equals_an_uninterrupted_one(trained, tmp_path, capsys):
     """One epoch, then resumed for the second: the same history, weights and optimizer states as the fixture's
     uninterrupted 2-epoch run; a rerun of the finished run rebuilds its final outputs, the morphing image alike."""
@@ -220,78 +236,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(trained, tmp_path, capsys):
     assert [path.read_bytes() for path in finals] == before
 
 
-@pytest.mark.parametrize('script, args, command', [
-    ('celeba_dcgan.py', [], 'python celeba_preprocess.py'),
-    ('celeba_cdcgan.py', ['--isCrop=True', '--data_dir=my faces'],
-     "python celeba_preprocess.py --isCrop=True '--output_dir=my faces'"),
-])
-def test_missing_faces_get_one_line_with_the_preprocess_command(tmp_path, script, args, command):
-    result = run_script(script, *args, cwd=tmp_path)
-    assert result.returncode == 1 and 'Traceback' not in result.stderr
-    assert result.stderr.startswith('error: ') and result.stderr.count('\n') == 1
-    assert result.stderr.rstrip().endswith(f'make it with: {command}')
-
-
-def test_faces_of_another_size_get_one_line(tmp_path):
-    write_faces(tmp_path / 'data' / 'resized_celebA', {'female': 2, 'male': 2}, size=32)
-    result = run_script('celeba_dcgan.py', cwd=tmp_path)
-    assert result.returncode == 1 and 'Traceback' not in result.stderr and result.stderr.count('\n') == 1
-    assert ('is 32x32, not 64x64: data/resized_celebA/ holds images of another size, not faces '
-            'celeba_preprocess.py made at img_size 64; make them in another folder with: python celeba_preprocess.py '
-            '--output_dir=data/resized_celebA_64 and pass --data_dir=data/resized_celebA_64') in result.stderr
-    assert 'delete' not in result.stderr  # the folder is not one the scripts are known to have made
-    assert not (tmp_path / 'data' / 'resized_celebA.u8').exists()
-
-
-def test_the_cache_holds_imagefolder_order_and_pixels(tmp_path):
-    from torchvision.datasets import ImageFolder
-    from torchvision.transforms.functional import pil_to_tensor
-    write_faces(tmp_path / 'faces', {'female': 5, 'male': 3})
-    images, labels, classes = celeba.image_folder_tensor(str(tmp_path / 'faces'), 64, 'cmd')
-    reference = ImageFolder(str(tmp_path / 'faces'))
-    assert classes == reference.classes == ['female', 'male'] and images.shape == (8, 3, 64, 64)
-    assert labels.tolist() == reference.targets == [0] * 5 + [1] * 3
-    for i, (picture, _) in enumerate(reference):
-        assert torch.equal(images[i], pil_to_tensor(picture))
-
-
-def test_the_cache_is_built_once_and_rebuilt_when_the_folder_changes(tmp_path, capsys):
-    folder = str(tmp_path / 'faces')
-    write_faces(folder, {'female': 4, 'male': 4})
-    cache = tmp_path / 'faces.u8'
-    celeba.image_folder_tensor(folder, 64, 'cmd')
-    assert 'decoding the 8 images' in capsys.readouterr().out
-    built = cache.stat().st_mtime_ns
-
-    images, _, _ = celeba.image_folder_tensor(folder, 64, 'cmd')
-    assert capsys.readouterr().out == '' and cache.stat().st_mtime_ns == built and len(images) == 8
-
-    write_faces(folder, {'male': 1}, seed=7)  # one more face
-    images, labels, _ = celeba.image_folder_tensor(folder, 64, 'cmd')
-    assert 'decoding the 9 images' in capsys.readouterr().out
-    assert len(images) == 9 and labels.tolist() == [0] * 4 + [1] * 5
-
-
-def test_train_limit_keeps_both_genders(tmp_path):
-    write_faces(tmp_path / 'faces', {'female': 30, 'male': 10})
-    images, labels = celeba.load_celeba(str(tmp_path / 'faces'), False, 64, 8, 4, torch.device('cpu'))
-    assert images.shape == (8, 3, 64, 64) and 0 < labels.sum() < 8
-
-
-def test_cdcgan_fixed_inputs_follow_the_gender_layouts():
-    import celeba_cdcgan
-    fixed = celeba_cdcgan.fixed_inputs(torch.device('cpu'))
-    z, labels = fixed['z'].view(4, 4, -1), fixed['labels'].view(4, 4)
-    assert labels.tolist() == [[0] * 4, [1] * 4] * 2  # rows 1 and 3 female, 2 and 4 male
-    assert torch.equal(z[0], z[1]) and torch.equal(z[2], z[3]) and not torch.equal(z[0], z[2])
-    z, labels = fixed['morph_z'].view(10, 10, -1), fixed['morph_labels'].view(10, 10)
-    assert labels.tolist() == [[0] * 10, [1] * 10] * 5
-    for pair in range(5):
-        row = z[2 * pair]
-        assert torch.equal(row, z[2 * pair + 1])  # the male row has the female row's noise
-        steps = row[1:] - row[:-1]  # a straight line in equal steps
-        assert torch.allclose(steps, steps[0].expand_as(steps), atol=1e-5)
-
+# ---------------------------------------------------------------- no output on import
 
 def test_importing_has_no_side_effects(tmp_path):
     code = "import sys; sys.argv = ['x', '--bogus=1']; import celeba_dcgan, celeba_cdcgan; print('imported')"

@@ -1,16 +1,20 @@
-"""The tools beside the experiments (issue #19): mnist_classifier.py keeps the shipped yardstick unless asked,
-and it and benchmarks/speed.py refuse bad values and unwritable outputs with one line, before any work.
+"""The tools beside the experiments: mnist_classifier.py, which trains the classifier that scores the MNIST runs
+and keeps the shipped one unless asked (README, Measuring the MNIST generators), and benchmarks/speed.py, which
+times the scripts (docs/speed.md, The benchmark). Each refuses bad values and unwritable outputs with one line,
+before any work.
 
-Every run here stops at once or trains a few steps on a tiny fake MNIST, through the script server.
+Every run here stops at once or trains a few steps on a tiny fake MNIST, through the script server; the
+benchmark's own runs are processes of their own. The shipped classifier and its scores: test_mnist_quality.py.
 """
-import hashlib
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import mnist_classifier
-from conftest import REPO, fake_digits, folder_state, write_mnist
+from conftest import REPO, fake_digits, folder_state, run_script, write_mnist
 from mnist_classifier import RETRAINED_WEIGHTS
 from plumbing.mnist_quality import DEFAULT_WEIGHTS, Classifier, MnistQuality, weights_digest
 
@@ -33,7 +37,18 @@ def train_args(data, weights, *extra):
             *extra]
 
 
-# ---------------------------------------------------------------- 2. the shipped classifier stays
+# ---------------------------------------------------------------- mnist_classifier.py: the shipped classifier stays
+
+def test_training_script_saves_weights(mnist_dir, tmp_path):
+    """One short epoch on conftest's tiny fake MNIST: the script runs, reports, and saves loadable weights."""
+    weights = tmp_path / 'classifier.pt'
+    proc = run_script('mnist_classifier.py', f'--data_dir={mnist_dir}', f'--weights={weights}', '--train_epoch=1',
+                      '--batch_size=64', cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert '[1/1] train loss:' in proc.stdout and 'test accuracy:' in proc.stdout
+    Classifier().load_state_dict(torch.load(weights, weights_only=True))
+    assert [p.name for p in tmp_path.iterdir()] == ['classifier.pt']  # no temp file left behind
+
 
 def test_retraining_writes_beside_the_shipped_weights_and_scoring_reads_the_shipped_ones():
     assert mnist_classifier.weights == RETRAINED_WEIGHTS != DEFAULT_WEIGHTS
@@ -66,25 +81,28 @@ def test_an_existing_file_is_replaced_only_with_overwrite(script_server, tiny_mn
     assert sorted(p.name for p in tmp_path.iterdir()) == ['old.pt']
 
 
-def test_weights_digest_is_the_sha256_of_the_file(tmp_path):
-    a, b = tmp_path / 'a.pt', tmp_path / 'b.pt'
-    a.write_bytes(b'\x00' * (3 << 20) + b'a')  # beyond one read of 1 MiB: every chunk counts
-    b.write_bytes(b'\x00' * (3 << 20) + b'b')
-    assert weights_digest(str(a)) == hashlib.sha256(a.read_bytes()).hexdigest()
-    assert weights_digest(a) != weights_digest(b)
-    assert weights_digest(DEFAULT_WEIGHTS) == hashlib.sha256(open(DEFAULT_WEIGHTS, 'rb').read()).hexdigest()
+def test_a_batch_larger_than_the_classifiers_data_names_its_own_constant(script_server, tiny_mnist, tmp_path):
+    result = script_server('mnist_classifier.py', train_args(tiny_mnist, 'w.pt', '--batch_size=1001'), tmp_path)
+    assert_refused(result, 2, f"--batch_size=1001 is more than the 64 training images in {tiny_mnist}/MNIST/raw; "
+                              f"pass --batch_size=64 or lower")
+    assert list(tmp_path.iterdir()) == []
 
 
-def test_weights_digest_of_a_missing_file_is_one_line(tmp_path, capsys):
-    with pytest.raises(SystemExit) as stop:
-        weights_digest(tmp_path / 'absent.pt')
-    assert stop.value.code == 1
-    assert capsys.readouterr().err == (
-        f"error: cannot read {tmp_path / 'absent.pt'} (No such file or directory); if it is the shipped "
-        f"mnist_classifier.pt, restore it from git, else run python mnist_classifier.py to train one\n")
+def test_a_batch_of_all_the_classifiers_data_trains(script_server, tiny_mnist, tmp_path):
+    result = script_server('mnist_classifier.py', train_args(tiny_mnist, 'w.pt', '--batch_size=64'), tmp_path)
+    assert result['status'] == 0, result['stderr']
+    assert (tmp_path / 'w.pt').exists()
 
 
-# ---------------------------------------------------------------- 11. an output that cannot be written, before the work
+def test_a_single_training_image_is_one_line_that_asks_for_no_impossible_batch(script_server, tmp_path):
+    data = write_mnist(tmp_path / 'data', fake_digits, 1, 32)
+    result = script_server('mnist_classifier.py', train_args(data, 'w.pt'), tmp_path)
+    assert_refused(result, 1, f"{data}/MNIST/raw/train-images-idx3-ubyte.gz holds 1 image(s), too few to train or "
+                              f"measure with; replace it with a good copy, or delete it to download MNIST again")
+    assert not (tmp_path / 'w.pt').exists()
+
+
+# ---------------------------------------------------------------- an output that cannot be written, before the work
 
 def unwritable_outputs(tmp_path, constant):
     (tmp_path / 'a_file').write_text('a file where a folder is asked for')
@@ -135,27 +153,23 @@ def test_an_output_folder_without_write_permission_is_one_line_before_the_work(t
     assert list(tmp_path.iterdir()) == []
 
 
-# ---------------------------------------------------------------- 20. bad values: one line naming them, before any work
+# ---------------------------------------------------------------- benchmarks/speed.py
 
-def test_a_batch_larger_than_the_classifiers_data_names_its_own_constant(script_server, tiny_mnist, tmp_path):
-    result = script_server('mnist_classifier.py', train_args(tiny_mnist, 'w.pt', '--batch_size=1001'), tmp_path)
-    assert_refused(result, 2, f"--batch_size=1001 is more than the 64 training images in {tiny_mnist}/MNIST/raw; "
-                              f"pass --batch_size=64 or lower")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_a_batch_of_all_the_classifiers_data_trains(script_server, tiny_mnist, tmp_path):
-    result = script_server('mnist_classifier.py', train_args(tiny_mnist, 'w.pt', '--batch_size=64'), tmp_path)
-    assert result['status'] == 0, result['stderr']
-    assert (tmp_path / 'w.pt').exists()
-
-
-def test_a_single_training_image_is_one_line_that_asks_for_no_impossible_batch(script_server, tmp_path):
-    data = write_mnist(tmp_path / 'data', fake_digits, 1, 32)
-    result = script_server('mnist_classifier.py', train_args(data, 'w.pt'), tmp_path)
-    assert_refused(result, 1, f"{data}/MNIST/raw/train-images-idx3-ubyte.gz holds 1 image(s), too few to train or "
-                              f"measure with; replace it with a good copy, or delete it to download MNIST again")
-    assert not (tmp_path / 'w.pt').exists()
+def test_the_benchmark_runs_in_smoke_mode_and_prints_its_table(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'speed.py'), '--smoke=True',
+                             '--layouts=1x1,2x1', '--scripts=celeba_cdcgan.py', '--precisions=fp32,bf16',
+                             '--memory_formats=channels_last'],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'PATH': '/usr/bin:/bin'})
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith('| celeba_')]
+    assert [row.split(' | ')[1:4] for row in rows] == [
+        [layout, 'channels_last', precision] for layout in ('1x1', '2x1')  # one process; torchrun, 2 processes
+        for precision in ('fp32', 'bf16')]
+    for row in rows:
+        cells = row.strip('|').split('|')
+        assert float(cells[4].split()[0]) > 0 and float(cells[7]) > 0  # img/s and GFLOP per image
+    assert all(row.split(' | ')[5].endswith('x') for row in rows[1::2])  # bf16 against fp32
 
 
 SCRIPT_NAMES = 'mnist_gan.py, mnist_cgan.py, mnist_dcgan.py, mnist_cdcgan.py, celeba_dcgan.py, celeba_cdcgan.py'
@@ -187,6 +201,15 @@ BAD_BENCHMARK_VALUES = [
 def test_the_benchmark_names_a_bad_value_in_one_line_before_measuring(script_server, tmp_path, override, line):
     # --device=gpu would stop the run at the device: a value checked only after it would get that line instead
     assert_refused(script_server(SPEED, [override, '--device=gpu'], tmp_path), 2, line)
+
+
+def test_the_benchmark_names_an_unknown_memory_format_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'speed.py'), '--memory_formats=nhwc'],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            env={'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'PATH': '/usr/bin:/bin'})
+    assert (result.returncode, result.stderr) == (
+        2, 'error: --memory_formats=nhwc: use channels_last, contiguous or both, comma-separated\n')
+    assert result.stdout == ''
 
 
 def test_the_benchmark_checks_values_before_choosing_the_device(script_server, tmp_path):
