@@ -203,8 +203,8 @@ class RunFolder:
         for path, (images, columns) in grids.items():
             save_grid(images, path, columns, label=f"Epoch {epoch}")
         best = self.best()
-        if best is not None and best['epoch'] == epoch:
-            self.best_state = self.exports['generator'].state_dict()
+        if best is not None and best['epoch'] == epoch:  # a copy: the state_dict's tensors are the live weights
+            self.best_state = {k: v.detach().clone() for k, v in self.exports['generator'].state_dict().items()}
         state = {'epoch': epoch, 'model': self.name, 'script': self.script, 'config': self.config,
                  'config_changes': self.config_changes, 'yardstick': self.yardstick,
                  'history': self.history, 'fixed': self.fixed,

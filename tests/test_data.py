@@ -326,7 +326,8 @@ def test_a_damaged_face_is_deleted_only_where_the_preprocessing_made_it(tmp_path
     damaged.write_bytes(damaged.read_bytes()[:300])
     with pytest.raises(SystemExit):
         celeba.image_folder_tensor(str(tmp_path / 'faces'), 64, 'python celeba_preprocess.py')
-    remedy = ('delete it and make it again with: python celeba_preprocess.py' if made_by_preprocess else
+    remedy = ('delete it and make it again with: python celeba_preprocess.py (with --celeba_dir=FOLDER where '
+              'CelebA as downloaded is not in data/celebA/)' if made_by_preprocess else
               f'replace it with a good copy, or move it out of {tmp_path}/faces/')
     assert capsys.readouterr().err == f'error: cannot decode {damaged}: it is damaged; {remedy}\n'
     assert os.listdir(tmp_path) == ['faces']
