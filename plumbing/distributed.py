@@ -1,5 +1,5 @@
 """This process among torchrun's: its rank and the world's size, and the few collectives a run needs (a
-barrier, rank 0's decision on every rank, a gather). Plain answers for a single process."""
+barrier, rank 0's decision on every rank, a sum, a gather). Plain answers for a single process."""
 import os
 
 import torch
@@ -32,6 +32,16 @@ def from_rank0(flag):
                             if torch.distributed.get_backend() == 'nccl' else 'cpu')
     torch.distributed.broadcast(decision, src=0)
     return bool(decision.item())
+
+
+def summed(tensor):
+    """tensor summed over the processes of a torchrun, on its own device; tensor itself for a single process."""
+    if not torch.distributed.is_initialized():
+        return tensor
+    total = tensor.to(torch.device('cuda', torch.cuda.current_device()) if torch.distributed.get_backend() == 'nccl'
+                      else 'cpu', copy=True)
+    torch.distributed.all_reduce(total)
+    return total.to(tensor.device)
 
 
 def gather(obj):

@@ -59,11 +59,10 @@ def plot_curves(history, panels, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
-    epochs = [h['epoch'] for h in history]
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
     for ax, (ylabel, keys, yscale) in zip(axes[0], panels):
-        for key in keys:
-            ax.plot(epochs, [h[key] for h in history], marker='.', label=key)
+        for key in keys:  # over the epochs that have it: with quality_every > 1 not all are scored
+            ax.plot(*zip(*[(h['epoch'], h[key]) for h in history if key in h]), marker='.', label=key)
         ax.set_xlabel('epoch')
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs only
         ax.set_ylabel(ylabel)
@@ -74,3 +73,11 @@ def plot_curves(history, panels, path):
     atomic_write(path, fig.savefig)
     plt.close(fig)
 
+
+def plot_quality(history, fid, path):
+    """The scores by epoch: fid and its parts (fid_female, fid_male) on a log scale, since fid falls from ~1000
+    to single digits and only a log scale shows the late epochs; beside them the MNIST classifier's shares."""
+    measured = {key for h in history for key in h}
+    shares = [key for key in ('class_acc', 'class_entropy') if key in measured]
+    plot_curves(history, [('fid (lower is better)', sorted(key for key in measured if key.startswith(fid)), 'log')] +
+                [('share or nats', shares, 'linear')] * bool(shares), path)

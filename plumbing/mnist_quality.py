@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from plumbing.console import fail
 from plumbing.data import load_mnist, resize_images, to_unit_range
+from plumbing.frechet import frechet_distance
 from plumbing.safe_files import load_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,32 +99,7 @@ def weights_digest(path):
     return digest.hexdigest()
 
 
-# ---------------------------------------------------------------- the Frechet distance
-
-def sqrt_eigenvalues(symmetric):
-    """Square roots of a symmetric PSD matrix's eigenvalues; rounding's tiny negatives count as 0."""
-    return torch.linalg.eigvalsh(symmetric).clamp(min=0).sqrt()
-
-
-def sqrtm_psd(symmetric):
-    """The symmetric square root of a symmetric positive semi-definite matrix."""
-    values, vectors = torch.linalg.eigh(symmetric)
-    return (vectors * values.clamp(min=0).sqrt()) @ vectors.T
-
-
-def frechet_distance(mu1, cov1, mu2, cov2):
-    """Frechet (2-Wasserstein) distance squared between N(mu1, cov1) and N(mu2, cov2), in float64.
-
-    |mu1 - mu2|^2 + tr(cov1) + tr(cov2) - 2 tr(sqrt(sqrt(cov1) cov2 sqrt(cov1))): the matrix
-    inside the last square root is symmetric, unlike cov1 cov2, so eigh applies.
-    """
-    mu1, cov1, mu2, cov2 = (torch.as_tensor(t, dtype=torch.float64) for t in (mu1, cov1, mu2, cov2))
-    root1 = sqrtm_psd(cov1)
-    middle = root1 @ cov2 @ root1
-    middle = (middle + middle.T) / 2  # symmetric but for rounding
-    distance = (mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * sqrt_eigenvalues(middle).sum()
-    return distance.item()
-
+# ---------------------------------------------------------------- the Gaussian of features
 
 def gaussian(features):
     """Mean and covariance of (N, F) features, in float64."""
@@ -160,7 +136,7 @@ class MnistQuality:
         self.img_size = img_size
         self.device = torch.device(device)
         self.classifier = load_classifier(weights, self.device)
-        self.weights, self.digest = weights, weights_digest(weights)  # the yardstick, pinned in each run
+        self.yardstick = {'classifier': weights, 'sha256': weights_digest(weights)}  # pinned in each run
         images, _ = load_mnist(data_dir, train=False)
         reference = to_unit_range(resize_images(images, img_size))
         features, _ = self._classify(reference)

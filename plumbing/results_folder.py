@@ -11,7 +11,7 @@ import torch
 from plumbing.console import fail
 from plumbing.distributed import barrier, from_rank0, gather, rank, world_size, writes_files
 from plumbing.folder_lock import lock_folder
-from plumbing.images import plot_curves, save_animation, save_grid
+from plumbing.images import plot_curves, plot_quality, save_animation, save_grid
 from plumbing.safe_files import (is_state_dict, load_torch, make_folder, output_failed, remove_dead_temporaries,
                                  save_json, save_torch)
 
@@ -30,14 +30,18 @@ class RunFolder:
     # What a resume may change: how long to train and how the run is carried out. Every other constant
     # defines the experiment and must match the checkpoint's (quality_samples too: it sets the fixed inputs).
     MAY_CHANGE_ON_RESUME = {'train_epoch', 'data_dir', 'results_dir', 'train_limit', 'resume', 'device',
-                            'precision', 'channels_last', 'sync_batchnorm', 'compile', 'collapse_factor',
-                            'stop_on_collapse', 'generate', 'generate_from'}
+                            'precision', 'channels_last', 'sync_batchnorm', 'compile', 'quality_every',
+                            'inception_weights', 'collapse_factor', 'stop_on_collapse', 'generate', 'generate_from',
+                            'score'}
+    # A yardstick's kind, as a refused resume names it: (what scored the checkpoint, what to put back).
+    YARDSTICKS = {'classifier': ('another MNIST classifier', 'that classifier'),
+                  'inception_weights': ('other Inception weights', 'those weights')}
 
     def __init__(self, model_name, config, models, optimizers, exports, scaler=None, best_by=None, yardstick=None):
         """config: the script's constants; models, optimizers and the scaler go into the checkpoint;
         exports are saved as <Model>_<name>.pt; best_by: the history key (lower is better) whose best
-        epoch's generator is kept as <Model>_generator_best.pt; yardstick: what scores the epochs
-        ({'classifier': path, 'sha256': its digest}), which a resume must find unchanged."""
+        epoch's generator is kept as <Model>_generator_best.pt; yardstick: what scores the epochs ({'classifier'
+        or 'inception_weights': path, 'sha256': its digest}), which a resume must find unchanged."""
         self.name = model_name
         self.script = os.path.basename(sys.argv[0])
         self.config = config
@@ -143,10 +147,11 @@ class RunFolder:
                  f"another --results_dir, or --resume=false to start afresh")
         scored_with = state.get('yardstick')  # None in a checkpoint from before it was recorded
         if scored_with and self.yardstick and scored_with['sha256'] != self.yardstick['sha256']:
-            fail(f"{self.checkpoint_path} was scored with another MNIST classifier than {self.yardstick['classifier']} "
-                 f"holds now (sha256 {scored_with['sha256'][:12]}..., now {self.yardstick['sha256'][:12]}...): its "
-                 f"fid would not compare with this run's; put that classifier back, or pass --resume=false or "
-                 f"another --results_dir")
+            (kind, path), = ((key, value) for key, value in self.yardstick.items() if key != 'sha256')
+            other, that = self.YARDSTICKS[kind]
+            fail(f"{self.checkpoint_path} was scored with {other} than {path} holds now (sha256 "
+                 f"{scored_with['sha256'][:12]}..., now {self.yardstick['sha256'][:12]}...): its fid would not compare "
+                 f"with this run's; put {that} back, or pass --resume=false or another --results_dir")
         misfit = (f"{self.checkpoint_path} does not fit the models of this {self.script} (an older version made "
                   f"it?); {afresh}")
         shapes = {name: tuple(tensor.shape) for name, tensor in self.fixed.items()}
@@ -262,10 +267,7 @@ class RunFolder:
     def _final_outputs(self):
         plot_curves(self.history, [('loss', ['loss_d', 'loss_g'], 'linear')], self.path(f"{self.name}_train_hist.png"))
         if self.best_by:
-            shares = [key for key in ('class_acc', 'class_entropy') if key in self.history[0]]
-            # fid falls from ~1000 to single digits: only a log scale shows the late epochs.
-            plot_curves(self.history, [('fid (lower is better)', [self.best_by], 'log'),
-                                       ('share or nats', shares, 'linear')], self.path(f"{self.name}_quality.png"))
+            plot_quality(self.history, self.best_by, self.path(f"{self.name}_quality.png"))
         frames = [path for path in map(self.fixed_grid_path, (h['epoch'] for h in self.history))
                   if os.path.exists(path)]
         if frames:

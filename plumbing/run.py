@@ -21,19 +21,25 @@ from plumbing.safe_files import load_state_dict
 from plumbing.torchrun import World, failed_collective
 
 
-def main(namespace, train, generate_samples):
+def main(namespace, train, generate_samples, score_samples=None):
     """The whole __main__ block of a training script: resolve its configuration once (the command line's
     overrides of the script's constants, namespace being its globals()), join torchrun's processes if it
-    started them, seed, then train(run), or generate_samples(run) for --generate."""
+    started them, seed, then train(run), or generate_samples(run) for --generate, score_samples(run) for
+    --score (the CelebA scripts)."""
     keep_training_without_stdout()
     config = resolve(namespace)
     constants = config.constants
-    world = World(constants['device'], constants['batch_size'], constants['generate'],
+    world = World(constants['device'], constants['batch_size'], constants['generate'] or constants.get('score', 0),
                   constants.get('sync_batchnorm', False))
     torch.manual_seed(constants['seed'])
+    if constants['generate'] and constants.get('score'):
+        fail(f"--generate={constants['generate']} and --score={constants['score']}: pass one of them", 2)
     if constants['generate']:
         interrupts.doing = "while writing samples, before any was saved; no trained file was changed"
         generate_samples(Run(config, world))
+    elif constants.get('score'):
+        interrupts.doing = "while scoring samples; no trained file was changed"
+        score_samples(Run(config, world))
     else:
         with Run(config, world) as run:
             train(run)
@@ -136,7 +142,8 @@ class Run:
         resume is on: the models, G's average, the optimizers, the scaler, the fixed inputs and the random
         state come back as saved. Else fixed_inputs(device) draws the inputs kept for the whole run.
 
-        scored_by: the MnistQuality that scores the epochs; a resume must find its classifier unchanged.
+        scored_by: the MnistQuality or CelebaFid that scores the epochs; a resume must find its yardstick (the
+        classifier, or the Inception weights) unchanged.
         Returns the fixed inputs ({name: tensor}) on the device.
         """
         config = self.config
@@ -145,7 +152,7 @@ class Run:
                            optimizers={'generator': opt_G, 'discriminator': opt_D}, scaler=scaler,
                            exports={'generator': G_ema.module, 'discriminator': D},
                            best_by='fid' if config.get('quality_samples') else None,
-                           yardstick={'classifier': scored_by.weights, 'sha256': scored_by.digest} if scored_by else None)
+                           yardstick=scored_by.yardstick if scored_by else None)
         self.folder = folder  # from here an interruption is the folder's to explain
         self.first_epoch = folder.start(lambda: fixed_inputs(self.device))
         self.optimizers = (opt_G, opt_D)

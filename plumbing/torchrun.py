@@ -64,7 +64,7 @@ class World:
             sys.stdout = open(os.devnull, 'w')
         self.device = pick_device(device_choice, local_rank=int(os.environ.get('LOCAL_RANK', 0)))
         if generate:
-            fail("--generate samples in one process: run it with python, not torchrun", 2)
+            fail("--generate and --score run in one process: run them with python, not torchrun", 2)
         if batch_size % self.size:
             fail(f"batch_size={batch_size} does not split over {self.size} processes: start a number of processes "
                  f"that divides {batch_size}", 2)
