@@ -15,11 +15,12 @@ interrupts.make_start_up_interrupts_one_line()
 import numpy  # noqa: E402,F401
 
 from plumbing.celeba import load_celeba  # noqa: E402
+from plumbing.celeba_fid import CelebaFid  # noqa: E402
 from plumbing.data import evenly_spaced, mnist_training_set  # noqa: E402
 from plumbing.images import sample, square_side  # noqa: E402
 from plumbing.mnist_quality import MnistQuality  # noqa: E402
 from plumbing.moving_average import moving_average  # noqa: E402
 from plumbing.run import main  # noqa: E402
 
-__all__ = ['MnistQuality', 'evenly_spaced', 'load_celeba', 'main', 'mnist_training_set', 'moving_average', 'sample',
-           'square_side']
+__all__ = ['CelebaFid', 'MnistQuality', 'evenly_spaced', 'load_celeba', 'main', 'mnist_training_set', 'moving_average',
+           'sample', 'square_side']

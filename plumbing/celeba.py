@@ -91,7 +91,7 @@ def image_folder_tensor(folder, size, command, elsewhere=None):
         fail(f"cannot read {e.filename or folder} ({e.strerror or e}); fix it or make {folder}/ again with: {command}")
     if not paths:
         fail(f"{folder}/ is missing or has no class folders of images; make it with: {command}")
-    data_path = os.path.normpath(folder) + '.u8'
+    data_path = cache_path(folder)
     index = {'fingerprint': fingerprint, 'shape': [len(paths), 3, size, size]}
     # Under torchrun rank 0 alone checks the cache, and removes the index of one it will decode again before
     # the others pass the barrier; they then wait for a current index (for minutes, on all of CelebA: longer
@@ -115,6 +115,11 @@ def image_folder_tensor(folder, size, command, elsewhere=None):
     except RuntimeError as e:  # torch's reason, e.g. no permission to read it
         fail(f"cannot read the cache {data_path} ({str(e).splitlines()[0]}); delete it, and it is decoded again")
     return images.view(index['shape']), labels, classes
+
+
+def cache_path(folder):
+    """Where the decoded images of folder are kept: <folder>.u8 beside it, its index in <folder>.u8.json."""
+    return os.path.normpath(folder) + '.u8'
 
 
 def stored_index(data_path):

@@ -159,7 +159,7 @@ def configure(namespace, argv=None):
 
 def is_path(name):
     """Whether a constant names a file or folder: its '~' stands for the user's home, as in a shell."""
-    return name.endswith('_dir') or name in ('weights', 'output')
+    return name.endswith('_dir') or name in ('weights', 'inception_weights', 'output')
 
 
 def constants(namespace):
