@@ -3,6 +3,7 @@
 Data:      python celeba_preprocess.py      (--isCrop=True for the tighter face crop)
 Train:     python celeba_cdcgan.py          (any constant below: --name=value, e.g. --isCrop=True)
 Sample:    python celeba_cdcgan.py --generate=8
+Score:     python celeba_cdcgan.py --score=50000   (the Inception FID as papers report it: README, Results)
 """
 import common  # first: from here on a Ctrl-C is one line, even while torch loads
 import contextlib
@@ -34,9 +35,14 @@ precision = 'auto'                    # {auto, bf16, fp16, fp32}: auto = bf16 on
 channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
 sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
 compile = False                       # torch.compile G and D (minutes to start; no clear gain measured here)
-stop_on_collapse = False              # when D wins outright: True stops training, False goes on
+quality_samples = 5000                # 0 or [4, 100000]: faces scored by the Inception FID, all and by gender; 0 = off
+quality_every = 1                     # [1, 10000]: score after every this many epochs, and after the last
+inception_weights = ''                # torch-fidelity's Inception-v3 weights file; '' = downloaded on first use
+collapse_factor = 4.0                 # 0 or > 1: an epoch whose fid is over this times the best is a collapse; 0 = off
+stop_on_collapse = False              # on a collapse: True stops training, False goes on; the best G is kept
 generate = 0                          # [0, 1000]: 0 trains; N only writes N new samples per gender from the trained G
-generate_from = 'last'                # {best, last}: --generate samples from the last G (no fid measures a best)
+generate_from = 'best'                # {best, last}: --generate and --score take the best generator by fid, or the last
+score = 0                             # 0 or [4, 100000]: 0 trains; N only prints the fid of N samples of the trained G
 
 MODEL = 'CelebA_cDCGAN'
 N_CLASSES = 2  # 0 = female, 1 = male: the order of the female/ and male/ folders
@@ -112,10 +118,13 @@ def interpolations(rows, steps, device):
 
 
 def fixed_inputs(device):
-    """The 4x4 grid's (rows 1-2 share 4 noise vectors, rows 3-4 another 4) and the 10x10 morphing image's."""
+    """The 4x4 grid's (rows 1-2 share 4 noise vectors, rows 3-4 another 4), the 10x10 morphing image's and the
+    quality measurement's, kept for the whole run."""
     z, labels = gender_rows(noise(8, device).view(2, 4, z_dim))
     morph_z, morph_labels = gender_rows(interpolations(5, 10, device))
-    return {'z': z, 'labels': labels, 'morph_z': morph_z, 'morph_labels': morph_labels}
+    # The quality measurement's noise; its genders follow the faces' proportion (CelebaFid.genders).
+    return {'z': z, 'labels': labels, 'morph_z': morph_z, 'morph_labels': morph_labels,
+            'quality_z': noise(quality_samples, device)}
 
 
 def real_examples(images, labels):
@@ -138,6 +147,14 @@ def generate_samples(run):
     print(f"wrote {path}: {generate} samples of each gender, a female row and a male row with the same noise")
 
 
+def score_samples(run):
+    """--score=N: the trained G's fid on N samples against all the faces, as papers report it for N = 50,000;
+    and each gender's samples against that gender's faces."""
+    G = run.trained_generator(Generator(z_dim, d))
+    common.load_celeba(data_dir, isCrop, img_size, 0, 2, torch.device('cpu'))  # decoded: what the statistics read
+    common.CelebaFid(data_dir, inception_weights, run.device, by_gender=True).print_score(G, noise(score, run.device))
+
+
 def train(run):
     # images, labels: uint8 (N, 3, 64, 64), int64 (N,), on the device where they fit
     images, labels = common.load_celeba(data_dir, isCrop, img_size, train_limit, batch_size, run.device)
@@ -153,7 +170,10 @@ def train(run):
     if compile:
         G.compile()  # in place: the state_dict keeps its names
         D.compile()
-    fixed = run.lock_folder_and_resume(G, D, G_ema, opt_G, opt_D, scaler, fixed_inputs)
+    # Before the resume, whose restored random state must not be drawn from by anything but training. Besides
+    # fid, of all samples against all faces, each gender's samples against that gender's faces (fid_female, ...).
+    quality = common.CelebaFid(data_dir, inception_weights, run.device, by_gender=True) if quality_samples else None
+    fixed = run.lock_folder_and_resume(G, D, G_ema, opt_G, opt_D, scaler, fixed_inputs, scored_by=quality)
     G, D = run.ddp(G), run.ddp(D)  # under torchrun: DistributedDataParallel, gradients averaged over processes
     run.save_grid('raw_CelebA.png', real_examples(images, labels), nrow=4)
     loss = nn.BCEWithLogitsLoss()
@@ -183,10 +203,12 @@ def train(run):
 
             run.log(loss_d=loss_d, loss_g=loss_g,  # D's mean probabilities in fp32, as the losses
                     d_real=d_real.float().sigmoid().mean(), d_fake=d_fake.float().sigmoid().mean())
-        run.end_epoch(fixed_grid=(common.sample(G_ema, fixed['z'], fixed['labels']), 4))
+        scored = quality and (epoch % quality_every == 0 or epoch == train_epoch)
+        run.end_epoch(fixed_grid=(common.sample(G_ema, fixed['z'], fixed['labels']), 4),
+                      scores=quality.score(G_ema, fixed['quality_z']) if scored else {})
     # Written after the last epoch, and again by a rerun of a finished run, like the plot and the GIF.
     run.save_grid(f"{run.name}_morp.png", common.sample(G_ema, fixed['morph_z'], fixed['morph_labels']), nrow=10)
 
 
 if __name__ == '__main__':
-    common.main(globals(), train, generate_samples)
+    common.main(globals(), train, generate_samples, score_samples)

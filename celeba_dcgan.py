@@ -3,6 +3,7 @@
 Data:      python celeba_preprocess.py      (--isCrop=True for the tighter face crop)
 Train:     python celeba_dcgan.py           (any constant below: --name=value, e.g. --isCrop=True)
 Sample:    python celeba_dcgan.py --generate=25
+Score:     python celeba_dcgan.py --score=50000    (the Inception FID as papers report it: README, Results)
 """
 import common  # first: from here on a Ctrl-C is one line, even while torch loads
 import contextlib
@@ -33,9 +34,14 @@ precision = 'auto'                    # {auto, bf16, fp16, fp32}: auto = bf16 on
 channels_last = True                  # convolutions in channels-last (NHWC) memory order, faster on CPU and GPU
 sync_batchnorm = False                # under torchrun on GPUs: BatchNorm statistics of the global batch
 compile = False                       # torch.compile G and D (minutes to start; no clear gain measured here)
-stop_on_collapse = False              # when D wins outright: True stops training, False goes on
+quality_samples = 5000                # 0 or [2, 100000]: faces scored with the Inception FID (fid); 0 = off
+quality_every = 1                     # [1, 10000]: score after every this many epochs, and after the last
+inception_weights = ''                # torch-fidelity's Inception-v3 weights file; '' = downloaded on first use
+collapse_factor = 4.0                 # 0 or > 1: an epoch whose fid is over this times the best is a collapse; 0 = off
+stop_on_collapse = False              # on a collapse: True stops training, False goes on; the best G is kept
 generate = 0                          # [0, 1000]: 0 trains; N only writes a grid of N new samples from the trained G
-generate_from = 'last'                # {best, last}: --generate samples from the last G (no fid measures a best)
+generate_from = 'best'                # {best, last}: --generate and --score take the best generator by fid, or the last
+score = 0                             # 0 or [2, 100000]: 0 trains; N only prints the fid of N samples of the trained G
 
 MODEL = 'CelebA_DCGAN'
 BF16_BY_DEFAULT = True  # 'auto' may take bf16: the MNIST cDCGAN's fid kept within fp32's seed spread (README)
@@ -89,8 +95,8 @@ class Discriminator(nn.Module):
 
 
 def fixed_inputs(device):
-    """The noise of the per-epoch grid, kept for the whole run."""
-    return {'z': noise(25, device)}
+    """The noise of the per-epoch grid and of the quality measurement, kept for the whole run."""
+    return {'z': noise(25, device), 'quality_z': noise(quality_samples, device)}
 
 
 def learning_rate(epoch):
@@ -102,6 +108,13 @@ def generate_samples(run):
     path = run.save_grid(f"{run.name}_generated.png", common.sample(G, noise(generate, run.device)),
                          nrow=common.square_side(generate))
     print(f"wrote {path}: {generate} samples")
+
+
+def score_samples(run):
+    """--score=N: the trained G's fid on N samples against all the faces, as papers report it for N = 50,000."""
+    G = run.trained_generator(Generator(z_dim, d))
+    common.load_celeba(data_dir, isCrop, img_size, 0, 2, torch.device('cpu'))  # decoded: what the statistics read
+    common.CelebaFid(data_dir, inception_weights, run.device).print_score(G, noise(score, run.device))
 
 
 def train(run):
@@ -119,7 +132,9 @@ def train(run):
     if compile:
         G.compile()  # in place: the state_dict keeps its names
         D.compile()
-    fixed = run.lock_folder_and_resume(G, D, G_ema, opt_G, opt_D, scaler, fixed_inputs)
+    # Before the resume, whose restored random state must not be drawn from by anything but training.
+    quality = common.CelebaFid(data_dir, inception_weights, run.device) if quality_samples else None
+    fixed = run.lock_folder_and_resume(G, D, G_ema, opt_G, opt_D, scaler, fixed_inputs, scored_by=quality)
     G, D = run.ddp(G), run.ddp(D)  # under torchrun: DistributedDataParallel, gradients averaged over processes
     real = images[common.evenly_spaced(len(images), 25)]  # from across the set: it is sorted by gender
     run.save_grid('raw_CelebA.png', real, nrow=5)
@@ -149,8 +164,10 @@ def train(run):
 
             run.log(loss_d=loss_d, loss_g=loss_g,  # D's mean probabilities in fp32, as the losses
                     d_real=d_real.float().sigmoid().mean(), d_fake=d_fake.float().sigmoid().mean())
-        run.end_epoch(fixed_grid=(common.sample(G_ema, fixed['z']), 5))
+        scored = quality and (epoch % quality_every == 0 or epoch == train_epoch)
+        run.end_epoch(fixed_grid=(common.sample(G_ema, fixed['z']), 5),
+                      scores=quality.score(G_ema, fixed['quality_z']) if scored else {})
 
 
 if __name__ == '__main__':
-    common.main(globals(), train, generate_samples)
+    common.main(globals(), train, generate_samples, score_samples)

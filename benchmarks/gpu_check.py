@@ -284,7 +284,7 @@ def training_args(setting, script, results_dir):
     args = [f'--data_dir={os.path.join(setting.work, data)}', f'--results_dir={results_dir}', '--train_epoch=2',
             f'--train_limit={setting.batch_size * setting.batches(script)}', f'--batch_size={setting.batch_size}',
             f'--device={setting.device}']
-    args += ['--quality_samples=0'] if data == 'mnist' else []  # the scoring is no part of the speed
+    args += ['--quality_samples=0']  # the scoring is no part of the speed
     return args + ([f'--d={setting.d}'] if conv else [])
 
 

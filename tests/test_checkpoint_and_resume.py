@@ -551,7 +551,7 @@ def data_args(script, mnist_dir, tmp_path):
     if script.startswith('mnist'):
         return [f'--data_dir={mnist_dir}', '--quality_samples=0']
     write_faces(tmp_path / 'faces', {'female': 2, 'male': 2})
-    return [f'--data_dir={tmp_path / "faces"}']
+    return [f'--data_dir={tmp_path / "faces"}', '--quality_samples=0']
 
 
 @pytest.mark.parametrize('script', list(SCRIPTS))

@@ -117,7 +117,7 @@ def test_a_learning_rate_that_is_no_finite_number_says_so(script_server, mnist_d
 
 
 # Constants without a range, and why: any folder; pick_device checks the name; '' means the default.
-NO_RANGE = {'data_dir', 'device', 'celeba_dir', 'output_dir'}
+NO_RANGE = {'data_dir', 'device', 'celeba_dir', 'output_dir', 'inception_weights'}
 CELEBA_RESULTS = {'celeba_dcgan.py', 'celeba_cdcgan.py'}  # their results_dir '' means the default folder
 SCRIPTS = ['mnist_gan.py', 'mnist_cgan.py', 'mnist_dcgan.py', 'mnist_cdcgan.py', 'celeba_dcgan.py',
            'celeba_cdcgan.py', 'mnist_classifier.py', 'celeba_preprocess.py']

@@ -154,7 +154,8 @@ def test_a_short_training_makes_faces_of_the_requested_gender(tmp_path):
     write_faces(tmp_path / 'faces', {'female': 128, 'male': 128})
     out, width = tmp_path / 'out', 16
     run_in_process('celeba_cdcgan.py', f'--data_dir={tmp_path / "faces"}', f'--results_dir={out}', f'--d={width}',
-                   '--batch_size=16', '--lr=0.0005', '--train_epoch=8', '--device=cpu', '--precision=fp32')
+                   '--batch_size=16', '--lr=0.0005', '--train_epoch=8', '--device=cpu', '--precision=fp32',
+                   '--quality_samples=0')
     module, G = saved_generator('celeba_cdcgan.py', out, 'CelebA_cDCGAN', {'d': width})
     wanted = torch.tensor([0, 1]).repeat(100)
     with torch.no_grad():

@@ -384,7 +384,7 @@ def torchrun(args, cwd):
 
 def test_under_torchrun_a_damaged_cache_is_decoded_again_before_any_process_maps_it(tmp_path):
     write_faces(tmp_path / 'faces', {'female': 40, 'male': 40})
-    args = ['--data_dir=faces', '--train_epoch=1', '--batch_size=16', '--d=8', '--device=cpu']
+    args = ['--data_dir=faces', '--train_epoch=1', '--batch_size=16', '--d=8', '--device=cpu', '--quality_samples=0']
     clean = torchrun([*args, '--results_dir=clean'], tmp_path)
     assert clean.returncode == 0, clean.stderr
     cache = tmp_path / 'faces.u8'

@@ -30,6 +30,7 @@ BY_NAME = {
     'device': ['cpu', 'auto', 'cuda', 'cuda:1', 'mps', 'meta', 'gpu', '', 'cpu:0'],
     'precision': ['auto', 'fp32', 'bf16', 'fp16', 'FP32', 'fp8', ''],
     'generate_from': ['best', 'last', 'worst', ''],
+    'inception_weights': ['', 'nowhere.pth', 'a_file', ' '],
 }
 
 # script, its tiny run: every draw resumes a folder these arguments trained for one epoch
@@ -38,8 +39,8 @@ SCRIPTS = {
     'mnist_cgan.py': ['--quality_samples=50'],
     'mnist_dcgan.py': ['--quality_samples=50', '--d=4'],
     'mnist_cdcgan.py': ['--quality_samples=50', '--d=4'],
-    'celeba_dcgan.py': ['--d=4'],
-    'celeba_cdcgan.py': ['--d=4'],
+    'celeba_dcgan.py': ['--quality_samples=0', '--d=4'],
+    'celeba_cdcgan.py': ['--quality_samples=0', '--d=4'],
 }
 
 

@@ -129,7 +129,7 @@ def test_on_a_gpu_the_runs_are_the_real_size_one_at_a_time_and_compiling_last(tm
                                 out=str(tmp_path), deadline=0.0, env={})
     assert gpu_check.training_args(setting, 'celeba_dcgan.py', 'R') == [
         f'--data_dir={tmp_path}/celeba', '--results_dir=R', '--train_epoch=2', '--train_limit=5120',
-        '--batch_size=128', '--device=cuda', '--d=128']
+        '--batch_size=128', '--device=cuda', '--quality_samples=0', '--d=128']
     assert gpu_check.training_args(setting, 'mnist_gan.py', 'R')[3:6] == [
         '--train_limit=51200', '--batch_size=128', '--device=cuda']
     started = []

@@ -54,7 +54,7 @@ def data_args(script, mnist_dir, faces_dir):
     if script.startswith('mnist'):
         width = ['--d=8'] if 'dcgan' in script else []
         return [f'--data_dir={mnist_dir}', '--quality_samples=0', *width]
-    return [f'--data_dir={faces_dir}', '--d=8']
+    return [f'--data_dir={faces_dir}', '--d=8', '--quality_samples=0']
 
 
 def training_images(script, faces_dir):
