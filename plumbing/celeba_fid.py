@@ -6,6 +6,7 @@ features), against the statistics of all the faces of a folder, computed once an
     quality.score(G, z)  ->  {'fid': ..., 'fid_female': ..., 'fid_male': ...}
 """
 import hashlib
+import importlib.metadata
 import http.client
 import io
 import math
@@ -179,12 +180,14 @@ def folder_statistics(folder, weights_sha256, features):
     """{'all': ..., 'female': ..., 'male': ...}, each {'count', 'mu', 'sigma'}: the Gaussians of the Inception
     features (features(uint8 images)) of folder's faces, all and by gender, as load_celeba decoded them.
 
-    Kept in <folder>.fid.pt with the decoded cache's fingerprint of the folder and the weights' digest, and
-    computed again when either changes, or the file is damaged. Under torchrun rank 0 computes them while
+    Kept in <folder>.fid.pt with the decoded cache's fingerprint of the folder, the weights' digest and
+    torch-fidelity's version (its resizing is part of the features), and computed again when any of them
+    changes, or the file is damaged. Under torchrun rank 0 computes them while
     the others wait, as for the decoded cache.
     """
     index = stored_index(cache_path(folder))  # current: load_celeba has just checked it
-    key = {'fingerprint': index['fingerprint'], 'shape': index['shape'], 'inception_sha256': weights_sha256}
+    key = {'fingerprint': index['fingerprint'], 'shape': index['shape'], 'inception_sha256': weights_sha256,
+           'torch_fidelity': importlib.metadata.version('torch-fidelity')}
     path = statistics_path(folder)
     statistics = stored_statistics(path, key) if writes_files() else None
     compute = writes_files() and statistics is None

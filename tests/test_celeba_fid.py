@@ -2,6 +2,7 @@
 weights of the real architecture and random values (seeded), on small fake CelebA folders."""
 import contextlib
 import importlib
+import importlib.metadata
 import io
 import json
 import os
@@ -162,6 +163,23 @@ def test_the_statistics_are_made_once_beside_the_folder_and_again_when_a_face_or
     CelebaFid(str(folder), str(other_weights), 'cpu').reference
     assert made(capsys)
     assert torch.load(path, weights_only=True)['inception_sha256'] == celeba_fid.file_sha256(str(other_weights))
+
+
+def test_the_statistics_are_made_again_under_another_torch_fidelity(weights, tmp_path, capsys, monkeypatch):
+    """Its resizing and network code are part of the features, so its version is part of the key."""
+    folder = tmp_path / 'faces'
+    write_faces(folder, {'female': 2, 'male': 2})
+    decoded(folder)
+    CelebaFid(str(folder), str(weights), 'cpu').reference
+    installed = importlib.metadata.version('torch-fidelity')
+    assert torch.load(tmp_path / 'faces.fid.pt', weights_only=True)['torch_fidelity'] == installed
+    capsys.readouterr()
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, 'version',
+                        lambda name: '0.0.1' if name == 'torch-fidelity' else real_version(name))
+    CelebaFid(str(folder), str(weights), 'cpu').reference
+    assert made(capsys)
+    assert torch.load(tmp_path / 'faces.fid.pt', weights_only=True)['torch_fidelity'] == '0.0.1'
 
 
 def test_damaged_statistics_are_never_used_but_made_again(weights, tmp_path, capsys):
