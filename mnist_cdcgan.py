@@ -21,6 +21,7 @@ img_size = 32                         # {32}: image side in pixels (the layers f
 seed = 0                              # [0, 4294967295]: seed of every random draw
 label_smoothing = 0.0                 # [0, 1): D's target for real images is 1 - this (one-sided); 0 = original
 ema_decay = 0.999                     # [0, 1): grids and saved G use an EMA of G's weights; 0 = original (raw G)
+instance_noise = 0.0                  # [0, 1]: std of Gaussian noise on every image D sees, real or fake; 0 = original
 
 # ---------------------------------------------------------------- the run
 data_dir = 'data'                     # holds MNIST/raw/ with the four IDX files
@@ -97,6 +98,12 @@ class Discriminator(nn.Module):
         return self.body(h).view(-1)
 
 
+def noisy(images):
+    """Instance noise (Sonderby et al. 2017): D sees real and fake images alike through fresh Gaussian noise, so
+    it cannot tell them apart by details finer than the noise."""
+    return images + instance_noise * torch.randn_like(images) if instance_noise else images
+
+
 def class_grid_inputs(columns, device):
     """Row i is digit i; column j uses noise vector j in every row, so a column shows one style."""
     z = noise(columns, device).repeat(N_CLASSES, 1)
@@ -152,7 +159,7 @@ def train(run):
             # update D: maximise log D(x|y) + log(1 - D(G(z|y')|y')), y' the fake labels
             with autocast:
                 fake = G(noise(n, x.device), fake_labels)
-                d_real, d_fake = D(x, y), D(fake.detach(), fake_labels)
+                d_real, d_fake = D(noisy(x), y), D(noisy(fake.detach()), fake_labels)
                 loss_d = loss(d_real, real_target) + loss(d_fake, torch.zeros_like(real_target))
             opt_D.zero_grad(set_to_none=True)
             scaler.scale(loss_d).backward()
@@ -160,7 +167,7 @@ def train(run):
 
             # update G: maximise log D(G(z|y')|y'), the non-saturating form of minimising log(1 - D(...))
             with autocast:
-                loss_g = loss(D(fake, fake_labels), torch.ones_like(real_target))
+                loss_g = loss(D(noisy(fake), fake_labels), torch.ones_like(real_target))
             opt_G.zero_grad(set_to_none=True)
             scaler.scale(loss_g).backward()
             scaler.step(opt_G)

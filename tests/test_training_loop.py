@@ -29,6 +29,7 @@ SCRIPTS = [('mnist_gan.py', 'MNIST_GAN', False), ('mnist_cgan.py', 'MNIST_cGAN',
            ('mnist_dcgan.py', 'MNIST_DCGAN', False), ('mnist_cdcgan.py', 'MNIST_cDCGAN', True),
            ('celeba_dcgan.py', 'CelebA_DCGAN', False), ('celeba_cdcgan.py', 'CelebA_cDCGAN', True)]
 CONDITIONAL = [s[0] for s in SCRIPTS if s[2]]
+NOISY = ['mnist_cgan.py', 'mnist_cdcgan.py']  # the scripts with instance_noise (README, Departures from the originals)
 
 # The schedules of the README's table of the scripts: (epochs, the epochs at whose start the lr is divided by
 # 10); lr 0.0002, the originals' (README, Departures from the originals).
@@ -53,7 +54,9 @@ def faces_dir(tmp_path_factory):
 def data_args(script, mnist_dir, faces_dir):
     if script.startswith('mnist'):
         width = ['--d=8'] if 'dcgan' in script else []
-        return [f'--data_dir={mnist_dir}', '--quality_samples=0', *width]
+        # No instance noise: these tests follow each image to D exactly (the noise has its own test below).
+        noise = ['--instance_noise=0'] if script in NOISY else []
+        return [f'--data_dir={mnist_dir}', '--quality_samples=0', *width, *noise]
     return [f'--data_dir={faces_dir}', '--d=8', '--quality_samples=0']
 
 
@@ -281,3 +284,56 @@ def test_the_ema_changes_what_is_sampled_and_not_the_training(mnist_dir, tmp_pat
     training = ('loss_d', 'loss_g', 'd_real', 'd_fake')
     assert [[e[k] for k in training] for e in ema] == [[e[k] for k in training] for e in original]
     assert [e['fid'] for e in ema] != [e['fid'] for e in original]
+
+
+# ---------------------------------------------------------------- instance noise, the conditional models' remedy
+
+# The instance noise of the README's Departures from the originals, by default.
+DOCUMENTED_NOISE = {'mnist_cgan.py': 0.1, 'mnist_cdcgan.py': 0.0}
+
+
+def noisy_steps(script, mnist_dir, out, sigma=None):
+    """The script trained one tiny epoch in this process with instance noise sigma (None: its default): per step,
+    D's calls on the real batch, on the detached fakes and on the fakes G learns from, and G's call."""
+    args = [arg for arg in data_args(script, mnist_dir, None) if not arg.startswith('--instance_noise')]
+    args += [] if sigma is None else [f'--instance_noise={sigma}']
+    with ModelWatch() as watch:
+        run_in_process(script, *args,
+                       f'--results_dir={out}', '--train_epoch=1', f'--batch_size={MNIST_BATCH}',
+                       f'--train_limit={MNIST_LIMIT}', '--device=cpu')
+    d_calls, g_calls = watch.of('Discriminator'), watch.of('Generator')
+    steps = MNIST_LIMIT // MNIST_BATCH
+    assert len(d_calls) == 3 * steps and len(g_calls) == steps
+    return [(*d_calls[3 * k: 3 * k + 3], g_calls[k]) for k in range(steps)]
+
+
+@pytest.mark.parametrize('script', NOISY)
+def test_instance_noise_is_on_every_image_d_sees_and_fresh_each_time(script, mnist_dir, tmp_path):
+    """instance_noise (Sonderby et al. 2017): D sees the real batch and both passes of the fakes through Gaussian
+    noise of that standard deviation, drawn anew for every image it sees; G's own images are left as they are."""
+    sigma = 0.05  # small beside the distance between two training images, so each real one is known
+    images, _ = training_images(script, None)
+    real_noise, fake_noise = [], []
+    for real, detached, attached, made in noisy_steps(script, mnist_dir, tmp_path / 'out', sigma):
+        x = real.inputs[0].float()
+        index, closeness = identify(x, images)
+        assert closeness.max() < 0.5, 'D was shown images that are not training images with a little noise'
+        seen_without_noise = F.interpolate(images[index], size=x.shape[-2:], mode='bilinear', antialias=True)
+        real_noise.append(x - seen_without_noise)  # the cDCGAN's 32 pixels: the images resized as the README says
+        assert made.output.abs().max() <= 1, 'G\'s images are noisy themselves'
+        first, second = detached.inputs[0] - made.output, attached.inputs[0] - made.output
+        assert not torch.allclose(first, second), 'the same noise on the fakes in D\'s step and in G\'s'
+        fake_noise += [first, second]
+    for seen in (torch.cat(real_noise), torch.cat(fake_noise)):
+        assert not any(torch.allclose(batch[0], batch[1]) for batch in seen.split(MNIST_BATCH)), 'one noise a batch'
+        assert abs(seen.mean().item()) < 0.002 and seen.std().item() == pytest.approx(sigma, rel=0.02)
+
+
+@pytest.mark.parametrize('script', NOISY)
+def test_the_default_instance_noise_is_the_documented_one(script, mnist_dir, tmp_path):
+    """By default D sees G's images through the documented noise (none: exactly G's images)."""
+    sigma = DOCUMENTED_NOISE[script]
+    for _, detached, attached, made in noisy_steps(script, mnist_dir, tmp_path / 'out'):
+        for seen in (detached, attached):
+            added = seen.inputs[0] - made.output
+            assert added.std().item() == pytest.approx(sigma, rel=0.05, abs=0)
