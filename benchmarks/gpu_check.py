@@ -43,6 +43,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -86,6 +87,11 @@ SCRIPTS = {  # script: (its data, whether it is a conv model, the GTX 1080 Ti's 
 CHECKS = ('train', 'variants', 'torchrun', 'backend', 'resume', 'generate')
 REAL = {'d': 128, 'batch_size': 128}  # with steps and mlp_steps above
 TINY = {'d': 8, 'batch_size': 16, 'steps': 4, 'mlp_steps': 4}  # seconds a run, most of them torch's start
+# A Ctrl-C stops every check: no run starts after it, and the running ones are ended with their process groups
+# (each runs in a session of its own, so the terminal's SIGINT does not reach them).
+interrupted = threading.Event()
+running = set()                 # the Popen of each run now going on
+running_lock = threading.Lock()
 GRACE_S = 10  # a run past its limit gets SIGTERM (torchrun then stops its workers), and SIGKILL this much later
 CELEBA_ATTRIBUTES = (  # the 40 columns of CelebA's list_attr_celeba.txt
     '5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair Blond_Hair '
@@ -213,17 +219,29 @@ def run(setting, name, command, limit, kill_after=None):
     limit = min(limit, setting.deadline - time.monotonic())
     if limit <= 0:
         return Ran(None, '', f"not started: the budget of {budget_s} s was spent", 0.0)
+    if interrupted.is_set():
+        return Ran(None, '', "not started: interrupted", 0.0)
     log = os.path.join(setting.out, 'logs', re.sub(r'[^\w.=-]+', '_', name))
     with open(log + '.command', 'w') as f:
         f.write(shlex.join(command) + '\n')
     start = time.monotonic()
     with open(log + '.stdout', 'w') as stdout, open(log + '.stderr', 'w') as stderr:
-        # A session of its own: at the time limit one signal reaches every process of its group (torchrun's
-        # workers, each in a session of its own, are stopped by torchrun when it gets SIGTERM).
-        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=setting.work, env=setting.env,
-                                   start_new_session=True)
-        ended = (wait_for_line(process, log + '.stdout', kill_after, limit) if kill_after else
-                 wait(process, limit))
+        with running_lock:
+            if interrupted.is_set():
+                return Ran(None, '', "not started: interrupted", 0.0)
+            # A session of its own: at the time limit one signal reaches every process of its group (torchrun's
+            # workers, each in a session of its own, are stopped by torchrun when it gets SIGTERM).
+            process = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=setting.work, env=setting.env,
+                                       start_new_session=True)
+            running.add(process)
+        try:
+            ended = (wait_for_line(process, log + '.stdout', kill_after, limit) if kill_after else
+                     wait(process, limit))
+        except KeyboardInterrupt:  # in the main thread: the data check
+            stop_every_run()
+            raise
+        finally:
+            running.discard(process)
     seconds = time.monotonic() - start
     with open(log + '.stdout') as f:
         text = f.read()
@@ -244,8 +262,19 @@ def wait(process, limit):
         return False
 
 
+def stop_every_run():
+    """After a Ctrl-C: no run starts from now on, and each running one is ended with its group."""
+    with running_lock:
+        interrupted.set()
+        for process in list(running):
+            end_group(process)
+
+
 def end_group(process):
-    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:  # it and its group ended meanwhile
+        return
     try:
         process.wait(timeout=GRACE_S)
     except subprocess.TimeoutExpired:
@@ -498,7 +527,11 @@ def run_checks(setting, jobs):
             futures[i] = pool.submit(with_progress_line, job, trained)
             if name.startswith('train '):
                 trained[name.removeprefix('train ')] = futures[i]
-        return [futures[i].result() for i in range(len(jobs))]
+        try:
+            return [futures[i].result() for i in range(len(jobs))]
+        except KeyboardInterrupt:  # before the pool waits for its workers, which end as their runs do
+            stop_every_run()
+            raise
 
 
 def with_progress_line(job, trained):
@@ -606,21 +639,24 @@ def main():
     cuda = device == 'cuda' or device == 'auto' and torch.cuda.is_available()
     size = {**REAL, 'steps': steps, 'mlp_steps': mlp_steps} if cuda else TINY
     env = dict(os.environ) if cuda else {**os.environ, 'CUDA_VISIBLE_DEVICES': '', 'OMP_NUM_THREADS': '1'}
-    with tempfile.TemporaryDirectory() as work:
-        setting = Setting('cuda' if cuda else 'cpu', **size, processes=torch.cuda.device_count() if cuda else 2,
-                          work=work, out=folder, deadline=started + budget_s, env=env)
-        for name, text in (('peak_memory.py', PEAK_MEMORY_WRAPPER), ('backend_probe.py', BACKEND_PROBE)):
-            with open(os.path.join(work, name), 'w') as f:
-                f.write(text)
-        machine = describe_machine(setting)
-        # Before any check, while nothing else runs: on the CPU, one thread, as each run there has.
-        matmul, conv = measure_peaks(torch.bfloat16, torch.device(setting.device),
-                                     torch.get_num_threads() if cuda else 1)
-        peaks = {'matmul': matmul, 'conv': conv}
-        flops = {s: flops_per_image(s, setting.d, 2) for s in SCRIPTS}  # per image: the batch does not change it
-        print(f"{setting.device}: {machine}; bf16 peak {matmul:,.0f} GFLOP/s matmul, {conv:,.0f} conv", flush=True)
-        rows = [with_progress_line(lambda trained: check_data(setting), {})]
-        rows += run_checks(setting, plan(setting, names, variant_overrides))
+    try:  # each check's run is in a session of its own: the terminal's Ctrl-C reaches this process alone
+        with tempfile.TemporaryDirectory() as work:
+            setting = Setting('cuda' if cuda else 'cpu', **size, processes=torch.cuda.device_count() if cuda else 2,
+                              work=work, out=folder, deadline=started + budget_s, env=env)
+            for name, text in (('peak_memory.py', PEAK_MEMORY_WRAPPER), ('backend_probe.py', BACKEND_PROBE)):
+                with open(os.path.join(work, name), 'w') as f:
+                    f.write(text)
+            machine = describe_machine(setting)
+            # Before any check, while nothing else runs: on the CPU, one thread, as each run there has.
+            matmul, conv = measure_peaks(torch.bfloat16, torch.device(setting.device),
+                                         torch.get_num_threads() if cuda else 1)
+            peaks = {'matmul': matmul, 'conv': conv}
+            flops = {s: flops_per_image(s, setting.d, 2) for s in SCRIPTS}  # per image: the batch does not change it
+            print(f"{setting.device}: {machine}; bf16 peak {matmul:,.0f} GFLOP/s matmul, {conv:,.0f} conv", flush=True)
+            rows = [with_progress_line(lambda trained: check_data(setting), {})]
+            rows += run_checks(setting, plan(setting, names, variant_overrides))
+    except KeyboardInterrupt:
+        console.fail(f"interrupted: every check's run was stopped; the logs so far are in {folder}/logs", 130)
     add_projections(rows, flops, peaks)
     seconds = time.monotonic() - started
     write_report(setting, rows, {'device': setting.device, 'machine': machine, 'sizes': size,

@@ -186,6 +186,13 @@ MUTANTS = [
     Mutant('resume forgets the optimizers\' state', 'plumbing/results_folder.py',
            "optimizer.load_state_dict(state['optimizers'][name])", 'pass',
            ['tests/test_celeba_outputs.py', '-k', 'resumed_run']),
+    # benchmarks/gpu_check.py
+    Mutant('GPU check: a Ctrl-C leaves the running checks\' runs going', 'benchmarks/gpu_check.py',
+           '        for process in list(running):\n            end_group(process)\n', '',
+           ['tests/test_gpu_check.py', '-k', 'ctrl_c']),
+    Mutant('GPU check: the queued checks start after a Ctrl-C', 'benchmarks/gpu_check.py',
+           '    if interrupted.is_set():\n        return Ran(None, \'\', "not started: interrupted", 0.0)\n', '',
+           ['tests/test_gpu_check.py', '-k', 'ctrl_c']),
     # Issue 25: the CelebA runs' Inception FID.
     Mutant('CelebA FID: each gender\'s statistics made of the other gender\'s faces', 'plumbing/celeba_fid.py',
            'moments[name].add(found[labels[batch] == label])', 'moments[name].add(found[labels[batch] != label])',

@@ -1,8 +1,10 @@
 """benchmarks/gpu_check.py in its CPU mode, as the suite runs it while no GPU is at hand: every check, at tiny sizes."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -139,3 +141,31 @@ def test_on_a_gpu_the_runs_are_the_real_size_one_at_a_time_and_compiling_last(tm
             for name in names]
     assert [row['check'] for row in gpu_check.run_checks(setting, jobs)] == names
     assert started == [names[0], names[2], names[3], names[1]]
+
+
+def test_ctrl_c_stops_every_check_s_run_and_starts_no_other(tmp_path):
+    """A Ctrl-C while checks run (each in a session of its own, out of the terminal's reach): one line, status
+    130, no run of a check left behind, none started after it."""
+    (tmp_path / 'tmp').mkdir()
+    env = {**os.environ, **OFFLINE, 'CUDA_VISIBLE_DEVICES': '', 'TMPDIR': str(tmp_path / 'tmp')}
+    logs = tmp_path / 'report' / 'logs'
+    process = subprocess.Popen([sys.executable, str(REPO / 'benchmarks' / 'gpu_check.py'),
+                                f'--out={tmp_path / "report"}', '--checks=train'], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (logs.exists() and any(logs.glob('train*.command'))):
+        assert time.monotonic() < deadline and process.poll() is None, 'no training check started'
+        time.sleep(0.1)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert stderr == (f"error: interrupted: every check's run was stopped; the logs so far are in "
+                      f"{tmp_path / 'report'}/logs\n")
+    started = sorted(logs.glob('*.command'))
+    time.sleep(2)
+    assert sorted(logs.glob('*.command')) == started, 'a check started after the Ctrl-C'
+    leftover = [pid for pid in os.listdir('/proc') if pid.isdigit() and str(tmp_path).encode() in read_cmdline(pid)]
+    assert leftover == []
+    trainings = [path.with_suffix('.stdout').read_text() for path in started if path.name.startswith('train')]
+    assert trainings and not any('outputs in' in text for text in trainings), 'a run went on to its end'
+    assert len(started) < 1 + len(SCRIPTS), 'every check had run: the Ctrl-C came too late to test anything'
