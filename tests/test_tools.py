@@ -1,12 +1,13 @@
 """The tools beside the experiments: mnist_classifier.py, which trains the classifier that scores the MNIST runs
-and keeps the shipped one unless asked (README, Measuring the MNIST generators), and benchmarks/speed.py, which
-times the scripts (docs/speed.md, The benchmark). Each refuses bad values and unwritable outputs with one line,
-before any work.
+and keeps the shipped one unless asked (README, Measuring the MNIST generators), benchmarks/speed.py, which
+times the scripts (docs/speed.md, The benchmark), and benchmarks/celeba_fid.py, which times the CelebA FID.
+Each refuses bad values and unwritable outputs with one line, before any work.
 
 Every run here stops at once or trains a few steps on a tiny fake MNIST, through the script server; the
 benchmark's own runs are processes of their own. The shipped classifier and its scores: test_mnist_quality.py.
 """
 import inspect
+import re
 import subprocess
 import sys
 
@@ -233,3 +234,26 @@ def test_the_benchmark_refuses_bf16_on_a_gpu_without_it_before_measuring(monkeyp
     assert stop.value.code == 2
     assert capsys.readouterr() == ('', "error: --precisions=fp32,bf16: this GPU (Tesla T4) has no bf16; "
                                        "choose among fp32, fp16\n")
+
+
+# ---------------------------------------------------------------- benchmarks/celeba_fid.py
+
+def test_the_fid_benchmark_runs_at_a_tiny_size_and_its_share_follows_from_its_rates(tmp_path):
+    """docs/speed.md's cost of the CelebA FID: the rates it prints, Inception's FLOPs per image (5.7 G multiply-adds
+    at 299x299, Szegedy et al. 2016), and the share of an epoch that scoring quality_samples faces takes."""
+    result = subprocess.run([sys.executable, str(REPO / 'benchmarks' / 'celeba_fid.py'), '--samples=4', '--faces=4',
+                             '--d=8', '--steps=1', '--repeats=1', '--device=cpu', '--quality_samples=5000'],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env={'OMP_NUM_THREADS': '1', 'CUDA_VISIBLE_DEVICES': '', 'PATH': '/usr/bin:/bin'})
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    rates = re.search(r'scoring \(G at d = 8, then Inception\): ([\d.]+) img/s; training \(celeba_dcgan.py, '
+                      r'd = 8, precision auto\): ([\d.]+) img/s', out)
+    score_rate, train_rate = float(rates[1]), float(rates[2])
+    assert score_rate > 0 and train_rate > 0
+    assert 11 < float(re.search(r'FLOPs per image: Inception ([\d.]+) G', out)[1]) < 12
+    scored, epoch, share = re.search(r'quality_samples = 5000: (\d+) s against an epoch of (\d+) s: ([\d.]+)% of it',
+                                     out).groups()
+    assert int(scored) == pytest.approx(5000 / score_rate, rel=0.01, abs=1)
+    assert int(epoch) == pytest.approx(202_599 / train_rate, rel=0.01, abs=1)
+    assert float(share) == pytest.approx(100 * int(scored) / int(epoch), rel=0.01)
