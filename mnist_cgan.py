@@ -93,7 +93,7 @@ class Discriminator(nn.Module):
 
 def noisy(images):
     """Instance noise (Sonderby et al. 2017): D sees real and fake images alike through fresh Gaussian noise, so
-    it cannot tell them apart by details finer than the noise; without it D wins outright on some seeds."""
+    it cannot win by details finer than the noise (README, Departures from the originals)."""
     return images + instance_noise * torch.randn_like(images) if instance_noise else images
 
 

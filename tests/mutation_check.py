@@ -164,6 +164,9 @@ MUTANTS = [
     Mutant('cGAN: trains without instance noise by default', 'mnist_cgan.py',
            'instance_noise = 0.1  ', 'instance_noise = 0.0  ',
            ['tests/test_training_loop.py', '-k', 'mnist_cgan and instance_noise']),
+    Mutant('cDCGAN: trains without instance noise by default', 'mnist_cdcgan.py',
+           'instance_noise = 0.1  ', 'instance_noise = 0.0  ',
+           ['tests/test_training_loop.py', '-k', 'mnist_cdcgan and instance_noise']),
     # Issue 24's guards.
     Mutant('under torchrun every process checks the CelebA cache for itself', 'plumbing/celeba.py',
            "    decode = writes_files() and not cache_is_sound(index, data_path)\n"
