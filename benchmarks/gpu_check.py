@@ -522,16 +522,20 @@ def run_checks(setting, jobs):
     rest = [i for i in range(len(jobs)) if i not in compiling]
     futures, trained = {}, {}
     with concurrent.futures.ThreadPoolExecutor((os.cpu_count() or 1) if parallel else 1) as pool:
-        for i in compiling + rest if parallel else rest + compiling:
-            name, job = jobs[i]
-            futures[i] = pool.submit(with_progress_line, job, trained)
-            if name.startswith('train '):
-                trained[name.removeprefix('train ')] = futures[i]
         try:
-            return [futures[i].result() for i in range(len(jobs))]
+            for i in compiling + rest if parallel else rest + compiling:
+                name, job = jobs[i]
+                futures[i] = pool.submit(with_progress_line, job, trained)
+                if name.startswith('train '):
+                    trained[name.removeprefix('train ')] = futures[i]
+            # Waits of 0.2 s: the OS may hand a Ctrl-C to a worker thread, and Python raises it in this one
+            # only when this one runs; a wait for a whole result would hold it until that job ended.
+            while not all(future.done() for future in futures.values()):
+                concurrent.futures.wait(futures.values(), timeout=0.2)
         except KeyboardInterrupt:  # before the pool waits for its workers, which end as their runs do
             stop_every_run()
             raise
+        return [futures[i].result() for i in range(len(jobs))]
 
 
 def with_progress_line(job, trained):
