@@ -254,6 +254,7 @@ def test_the_fid_benchmark_runs_at_a_tiny_size_and_its_share_follows_from_its_ra
     assert 11 < float(re.search(r'FLOPs per image: Inception ([\d.]+) G', out)[1]) < 12
     scored, epoch, share = re.search(r'quality_samples = 5000: (\d+) s against an epoch of (\d+) s: ([\d.]+)% of it',
                                      out).groups()
-    assert int(scored) == pytest.approx(5000 / score_rate, rel=0.01, abs=1)
-    assert int(epoch) == pytest.approx(202_599 / train_rate, rel=0.01, abs=1)
+    # The rates are printed to 0.1 img/s: each time follows from its rate within that rounding.
+    assert 5000 / (score_rate + 0.05) - 1 <= int(scored) <= 5000 / max(score_rate - 0.05, 1e-9) + 1
+    assert 202_599 / (train_rate + 0.05) - 1 <= int(epoch) <= 202_599 / max(train_rate - 0.05, 1e-9) + 1
     assert float(share) == pytest.approx(100 * int(scored) / int(epoch), rel=0.01)
