@@ -5,7 +5,6 @@ features), against the statistics of all the faces of a folder, computed once an
     quality = CelebaFid('data/resized_celebA', weights='', device='cpu', by_gender=True)
     quality.score(G, z)  ->  {'fid': ..., 'fid_female': ..., 'fid_male': ...}
 """
-import hashlib
 import importlib.metadata
 import http.client
 import io
@@ -24,7 +23,7 @@ from plumbing.console import fail, progress
 from plumbing.distributed import barrier, rank, world_size, writes_files
 from plumbing.frechet import Moments, frechet_distance, sqrtm_psd
 from plumbing.images import sample
-from plumbing.safe_files import load_state_dict, load_torch, make_folder, save_torch
+from plumbing.safe_files import file_sha256, load_state_dict, load_torch, make_folder, save_torch
 
 # The sha256 of torch-fidelity's weights-inception-2015-12-05-6726825d.pth (95,628,359 bytes): the file's name
 # publishes its first 8 digits, as torch.hub names files; the whole digest is as other projects record it.
@@ -53,15 +52,8 @@ def hub_weights_path():
     return os.path.join(torch.hub.get_dir(), 'checkpoints', os.path.basename(weights_url()))
 
 
-def file_sha256(path):
-    digest = hashlib.sha256()
-    try:
-        with open(path, 'rb') as f:
-            for chunk in iter(lambda: f.read(1 << 20), b''):
-                digest.update(chunk)
-    except OSError as e:
-        fail(f"cannot read the Inception weights {path} ({e.strerror or e}); fix that, {NO_SCORES}")
-    return digest.hexdigest()
+def weights_sha256(path):
+    return file_sha256(path, f"fix that, {NO_SCORES}", described=f"the Inception weights {path}")
 
 
 def download_weights(path):
@@ -96,7 +88,7 @@ def inception_weights(given):
         if not os.path.isfile(given):
             fail(f"--inception_weights={given}: no such file; pass torch-fidelity's "
                  f"{os.path.basename(weights_url())} (from {weights_url()}), {NO_SCORES}")
-        digest = file_sha256(given)
+        digest = weights_sha256(given)
         if digest != WEIGHTS_SHA256 and writes_files():
             print(f"{given} is not torch-fidelity's Inception weights of 2015-12-05 (sha256 {digest[:12]}..., not "
                   f"{WEIGHTS_SHA256[:12]}...): its FIDs do not compare with published ones", flush=True)
@@ -105,7 +97,7 @@ def inception_weights(given):
     if writes_files() and not os.path.exists(path):
         download_weights(path)
     wait_for(path)
-    digest = file_sha256(path)
+    digest = weights_sha256(path)
     if digest != WEIGHTS_SHA256:
         fail(f"{path} is not torch-fidelity's Inception weights of 2015-12-05 (sha256 {digest[:12]}..., not "
              f"{WEIGHTS_SHA256[:12]}...): damaged, or another file; delete it and it is downloaded again, or pass "

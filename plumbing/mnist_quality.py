@@ -10,7 +10,6 @@ class_entropy is the entropy in nats of the predicted classes: log(10) = 2.303 w
 equally common, 0 when all images look like one digit. class_acc is the share of images classified
 as the digit they were generated for.
 """
-import hashlib
 import math
 import os
 import shlex
@@ -21,7 +20,7 @@ import torch.nn as nn
 from plumbing.console import fail
 from plumbing.data import load_mnist, resize_images, to_unit_range
 from plumbing.frechet import frechet_distance
-from plumbing.safe_files import load_state_dict
+from plumbing.safe_files import file_sha256, load_state_dict
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_WEIGHTS = os.path.join(REPO, 'mnist_classifier.pt')  # shipped: the yardstick MnistQuality scores with
@@ -89,14 +88,7 @@ def load_classifier(path, run_device):
 
 def weights_digest(path):
     """The sha256 of the weights file at path, in hex: pins which yardstick a run's scores were measured with."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, 'rb') as f:
-            for chunk in iter(lambda: f.read(1 << 20), b''):
-                digest.update(chunk)
-    except OSError as e:
-        fail(f"cannot read {path} ({e.strerror or e}); {how_to_restore(path)}")
-    return digest.hexdigest()
+    return file_sha256(path, how_to_restore(path))
 
 
 # ---------------------------------------------------------------- the Gaussian of features

@@ -1,6 +1,7 @@
 """Files written atomically and read safely: a write that fails is one line and leaves the old file, a torch
 file is read as weights only and after its checksums."""
 import errno
+import hashlib
 import io
 import json
 import os
@@ -159,6 +160,19 @@ def load_torch(path, remedy):
             return torch.load(f, map_location='cpu', weights_only=True)
         except Exception:  # whatever a garbled file makes the reader raise, it means the same
             fail(f"{path} is damaged: it cannot be read as a file of weights; {remedy}")
+
+
+def file_sha256(path, remedy, described=None):
+    """The sha256 of the file at path, in hex; one line if it cannot be read: `cannot read <described, or the
+    path> (why); <remedy>`."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, 'rb') as f:
+            for chunk in iter(lambda: f.read(1 << 20), b''):
+                digest.update(chunk)
+    except OSError as e:
+        fail(f"cannot read {described or path} ({e.strerror or e}); {remedy}")
+    return digest.hexdigest()
 
 
 def is_state_dict(state):

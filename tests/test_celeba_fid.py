@@ -145,7 +145,7 @@ def test_the_statistics_are_made_once_beside_the_folder_and_again_when_a_face_or
     path = tmp_path / 'faces.fid.pt'
     state = torch.load(path, weights_only=True)
     assert state['fingerprint'] == celeba.stored_index(str(tmp_path / 'faces.u8'))['fingerprint']
-    assert state['inception_sha256'] == celeba_fid.file_sha256(str(weights))
+    assert state['inception_sha256'] == celeba_fid.weights_sha256(str(weights))
     assert [first[name]['count'] for name in ('all', 'female', 'male')] == [4, 2, 2]
     kept = path.stat().st_ino
     again = CelebaFid(str(folder), str(weights), 'cpu').reference
@@ -162,7 +162,7 @@ def test_the_statistics_are_made_once_beside_the_folder_and_again_when_a_face_or
 
     CelebaFid(str(folder), str(other_weights), 'cpu').reference
     assert made(capsys)
-    assert torch.load(path, weights_only=True)['inception_sha256'] == celeba_fid.file_sha256(str(other_weights))
+    assert torch.load(path, weights_only=True)['inception_sha256'] == celeba_fid.weights_sha256(str(other_weights))
 
 
 def test_the_statistics_are_made_again_under_another_torch_fidelity(weights, tmp_path, capsys, monkeypatch):
@@ -275,7 +275,7 @@ def test_each_scored_epoch_has_its_fid_in_the_history_and_its_line_and_the_quali
     epoch_lines = [line for line in lines if ' - ptime: ' in line]
     assert [', fid: ' in line for line in epoch_lines] == [e['epoch'] in scored for e in epochs]
     assert trained['history']['scored_with'] == {'inception_weights': str(weights),
-                                                 'sha256': celeba_fid.file_sha256(str(weights))}
+                                                 'sha256': celeba_fid.weights_sha256(str(weights))}
     assert (trained['out'] / f"{trained['model']}_quality.png").stat().st_size > 0
 
 
