@@ -21,7 +21,7 @@ img_size = 32                         # {32}: image side in pixels (the layers f
 seed = 0                              # [0, 4294967295]: seed of every random draw
 label_smoothing = 0.0                 # [0, 1): D's target for real images is 1 - this (one-sided); 0 = original
 ema_decay = 0.999                     # [0, 1): grids and saved G use an EMA of G's weights; 0 = original (raw G)
-instance_noise = 0.1                  # [0, 1]: std of Gaussian noise on every image D sees, real or fake; 0 = original
+instance_noise = 0.2                  # [0, 1]: std of Gaussian noise on every image D sees, real or fake; 0 = original
 
 # ---------------------------------------------------------------- the run
 data_dir = 'data'                     # holds MNIST/raw/ with the four IDX files

@@ -165,7 +165,10 @@ MUTANTS = [
            'instance_noise = 0.1  ', 'instance_noise = 0.0  ',
            ['tests/test_training_loop.py', '-k', 'mnist_cgan and instance_noise']),
     Mutant('cDCGAN: trains without instance noise by default', 'mnist_cdcgan.py',
-           'instance_noise = 0.1  ', 'instance_noise = 0.0  ',
+           'instance_noise = 0.2  ', 'instance_noise = 0.0  ',
+           ['tests/test_training_loop.py', '-k', 'mnist_cdcgan and instance_noise']),
+    Mutant('cDCGAN: the noise the cGAN uses, too little at d = 128', 'mnist_cdcgan.py',
+           'instance_noise = 0.2  ', 'instance_noise = 0.1  ',
            ['tests/test_training_loop.py', '-k', 'mnist_cdcgan and instance_noise']),
     # Issue 24's guards.
     Mutant('under torchrun every process checks the CelebA cache for itself', 'plumbing/celeba.py',
